@@ -1,0 +1,154 @@
+"""The run directory every backend produces and every consumer (eval, serve, merge) reads.
+
+Layout::
+
+    runs/<run_name>-<YYYYmmdd-HHMMSS>/
+      adapter/          PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+      config.yaml       the resolved config (re-run with `sftbridge train config.yaml`)
+      sftbridge.json    manifest: base model, prompt format, data hashes, versions, git, timings, metrics
+      metrics.jsonl     training and evaluation logs, one JSON object per line
+      COMPLETE          written last; a folder without it is never loaded as a finished run
+
+It is assembled under a temporary name beside the target and moved into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sftbridge.errors import RunDirError
+
+MANIFEST = "sftbridge.json"
+COMPLETE = "COMPLETE"
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+MANIFEST_VERSION = 1
+
+# Values of these variables are scrubbed from anything we write, should one ever reach a string.
+SECRET_ENV_VARS = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def default_run_dir(root: str | Path, run_name: str) -> Path:
+    return Path(root) / f"{run_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def redact(text: str) -> str:
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:
+            text = text.replace(value, "***")
+    return text
+
+
+class RunWriter:
+    """Builds a run directory under ``.<name>.partial`` and moves it into place on ``finalize``."""
+
+    def __init__(self, target: Path, *, create: bool = True) -> None:
+        self.target = Path(target)
+        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
+            raise RunDirError(f"{self.target}: already exists and is not empty; choose another --run-dir")
+        self.staging = self.target.parent / f".{self.target.name}.partial"
+        if create:
+            shutil.rmtree(self.staging, ignore_errors=True)  # left over from a crashed run
+            self.staging.mkdir(parents=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.staging / name).write_text(redact(text), encoding="utf-8")
+
+    def finalize(self, manifest: dict[str, Any]) -> Path:
+        self.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        if self.target.is_dir():  # an existing empty folder, e.g. SageMaker's SM_MODEL_DIR
+            for child in self.staging.iterdir():
+                child.rename(self.target / child.name)
+            self.staging.rmdir()
+        else:
+            self.staging.rename(self.target)
+        (self.target / COMPLETE).write_text(datetime.now(timezone.utc).isoformat() + "\n", encoding="utf-8")
+        return self.target
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file() and (Path(path) / MANIFEST).is_file()
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a finished run; RunDirError if the folder is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirError(f"{path}: no such run directory")
+    if not (path / MANIFEST).is_file():
+        raise RunDirError(f"{path}: not a run directory (no {MANIFEST})")
+    if not (path / COMPLETE).is_file():
+        raise RunDirError(f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it")
+    manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    return manifest
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in (
+        "sftbridge",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "datasets",
+        "accelerate",
+        "bitsandbytes",
+    ):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(where: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the checkout sftbridge runs from (None outside a git checkout)."""
+    where = where or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+class MetricsLog:
+    """Appends one JSON object per line; the trainer callback and the final evaluation write here."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(redact(json.dumps(record)) + "\n")

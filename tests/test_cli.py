@@ -1,0 +1,115 @@
+"""The real CLI end to end, through subprocesses, as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import FAKE_TOKEN, ROOT, SAMPLE_TRAIN, write_jsonl
+
+CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
+
+
+def sftbridge(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sftbridge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = sftbridge("--help")
+    assert result.returncode == 0
+    for command in ("train", "preview", "generate", "eval"):
+        assert command in result.stdout
+
+
+def test_train_generate_eval_end_to_end(tmp_path: Path) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", SAMPLE_TRAIN.read_text().splitlines()[:32])
+    run_dir = tmp_path / "run"
+    result = sftbridge(
+        "train",
+        CONFIG,
+        f"data.train_file={train_file}",
+        "train.epochs=2",
+        "train.logging_steps=1",
+        "--run-dir",
+        str(run_dir),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run directory: {run_dir}" in result.stdout
+    assert "'loss'" in result.stdout  # the training log is streamed
+    manifest = json.loads((run_dir / "sftbridge.json").read_text())
+    assert manifest["backend"] == {"name": "local", "job_id": "local-run"}
+
+    answer = sftbridge("generate", str(run_dir), "What gas do plants take in?", "--show-prompt")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert "prompt: '<s>[INST] What gas do plants take in? [/INST]'" in answer.stdout
+
+    out = tmp_path / "eval.json"
+    evaluated = sftbridge("eval", str(run_dir), "--limit", "8", "--json", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "exact_match" in evaluated.stdout and "adapter" in evaluated.stdout
+    result_json = json.loads(out.read_text())
+    assert result_json["n"] == 8
+    for side in ("adapter", "base"):
+        assert set(result_json[side]) == {"exact_match", "contains", "mean_answer_tokens", "eos_rate"}
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_preview_json_matches_the_training_path(tokenizer: Any) -> None:
+    result = sftbridge("preview", CONFIG, "--n", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2
+    first = json.loads(SAMPLE_TRAIN.read_text().splitlines()[0])
+    assert rows[0]["text"] == f"<s>[INST] {first['question']} [/INST] {first['correct_answer']} </s>"
+    assert len(rows[0]["input_ids"]) == len(rows[0]["labels"])
+    assert rows[0]["labels"][0] == -100 and rows[0]["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_preview_marks_the_trained_span() -> None:
+    result = sftbridge("preview", CONFIG, "--n", "1")
+    assert result.returncode == 0, result.stderr
+    first = json.loads(SAMPLE_TRAIN.read_text().splitlines()[0])
+    assert f"[/INST]⟦ {first['correct_answer']} </s>⟧" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: d.joinpath("t.jsonl").write_text('{"question": "q?"}\n'), "t.jsonl line 1: missing field"),
+        (lambda d: d.joinpath("t.jsonl").write_text("not json\n"), "t.jsonl line 1: invalid JSON"),
+        (lambda d: d.joinpath("t.jsonl").write_bytes(b""), "t.jsonl: the file is empty"),
+    ],
+    ids=["missing-field", "invalid-json", "empty"],
+)
+def test_bad_data_exits_2_and_creates_nothing(tmp_path: Path, setup: Any, message: str) -> None:
+    setup(tmp_path)
+    result = sftbridge(
+        "train", CONFIG, f"data.train_file={tmp_path / 't.jsonl'}", "data.test_file=null", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    result = sftbridge("train", CONFIG, "lora.r=0", "train.epoch=3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "lora.r: Input should be greater than 0" in result.stderr
+    assert "train.epoch: unknown key; did you mean 'epochs'?" in result.stderr
+
+
+def test_unfinished_run_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "sftbridge.json").write_text("{}")
+    result = sftbridge("generate", str(tmp_path), "hi")
+    assert result.returncode == 2
+    assert "did not finish" in result.stderr
