@@ -96,14 +96,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from sftbridge.config import load_config
     from sftbridge.data import encode_split, load_data
+    from sftbridge.formatting import resolve_chat_format
     from sftbridge.modeling import load_tokenizer
 
     config = load_config(args.config, args.overrides)
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
-    chat_format = config.data.chat_format
-    if chat_format == "auto":
-        chat_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
     prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
     records = data.train[: args.n]
     encoded, _ = encode_split(

@@ -151,6 +151,13 @@ class PromptFormat:
         )
 
 
+def resolve_chat_format(setting: str, tokenizer: Any) -> ChatFormat:
+    """``data.chat_format``: auto = the tokenizer's chat template when it has one, else plain."""
+    if setting == "auto":
+        return "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+    return "chat_template" if setting == "chat_template" else "plain"
+
+
 def fill(template: str, record: dict[str, Any]) -> str:
     """``template.format(**record)`` with a clear error for a field the record lacks."""
     missing = [name for name in template_fields(template) if name not in record]

@@ -156,6 +156,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     from sftbridge.data import encode_split, load_data
+    from sftbridge.formatting import resolve_chat_format
     from sftbridge.modeling import (
         load_model,
         load_tokenizer,
@@ -171,9 +172,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     # Everything that can fail on bad input happens before the run folder or the weights exist.
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
     tokenizer = load_tokenizer(config.model)
-    chat_format = config.data.chat_format
-    if chat_format == "auto":
-        chat_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
     prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
     policy, max_length = config.data.over_length, config.data.max_length
     train_set, train_report = encode_split(data.train, prompt_format, tokenizer, max_length, policy)
