@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -258,8 +259,6 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         peft_model: Any = trainer.model
         peft_model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
-        import shutil
-
         shutil.rmtree(writer.staging / "trainer", ignore_errors=True)
         writer.write_text(CONFIG, dump_config(config))
         manifest = {
