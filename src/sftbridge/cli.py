@@ -68,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=cmd_eval)
+    # Command groups that live in their own modules register below, one line each.
     return parser
+
+
+def _register(module: str, commands: Any) -> None:
+    """Add the subcommands of a command-group module (its ``register(commands)``)."""
+    import importlib
+
+    importlib.import_module(module).register(commands)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

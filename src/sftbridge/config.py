@@ -64,6 +64,11 @@ class ModelSection(_Section):
         None, description="sdpa, eager, flash_attention_2; None = default."
     )
     trust_remote_code: bool = False
+    hf_token_secret: str | None = Field(
+        None,
+        description="AWS Secrets Manager secret (name or ARN) holding the Hugging Face token, read where the "
+        "script runs (e.g. inside a SageMaker job); the token itself is never a config value.",
+    )
 
 
 class DataSection(_Section):
@@ -120,6 +125,13 @@ class TrainSection(_Section):
     # Off by default: it costs ~30% speed; the 7B configs turn it on to fit activations on a 24 GB GPU.
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, gt=0)
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Where checkpoints go; default: beside the run folder. Training resumes from the newest "
+        "complete checkpoint found there (SageMaker: /opt/ml/checkpoints, synced to S3).",
+    )
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps; None = once per epoch.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
     eval_strategy: Literal["no", "epoch", "steps"] = "epoch"
     eval_steps: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
@@ -132,6 +144,79 @@ class BackendSection(_Section):
     name: str = Field("local", description="local, sagemaker, or a third-party backend's entry-point name.")
     num_processes: int = Field(1, gt=0, description="local: >1 launches torchrun with that many processes.")
     options: dict[str, Any] = Field(default_factory=dict, description="Settings for a third-party backend.")
+    # SageMaker (backend.name=sagemaker); the local backend ignores these.
+    role: str | None = Field(
+        None, description="SageMaker: execution role ARN the job runs as, arn:aws:iam::<account>:role/<name>."
+    )
+    region: str | None = Field(None, description="SageMaker: AWS region; None = the AWS profile's region.")
+    bucket: str | None = Field(
+        None,
+        description="SageMaker: S3 bucket for data, code, checkpoints and output; None = the SDK's default "
+        "bucket sagemaker-<region>-<account>.",
+    )
+    s3_prefix: str = Field(
+        "sftbridge", description="SageMaker: key prefix in the bucket; a job's files go under it."
+    )
+    instance_type: str = Field(
+        "ml.g5.2xlarge", description="SageMaker: training instance type; ml.g5.2xlarge = one 24 GB A10G."
+    )
+    instance_count: int = Field(
+        1, gt=0, description="SageMaker: instances; > 1 (or a multi-GPU instance) runs under torchrun."
+    )
+    volume_size_gb: int = Field(
+        100, gt=0, description="SageMaker: disk per instance; holds the base model download and checkpoints."
+    )
+    use_spot: bool = Field(
+        False, description="SageMaker: managed spot training (cheaper; may be interrupted and resumed)."
+    )
+    # SageMaker's own limit is 28 days; a runaway 7B job should not get near it.
+    max_run_hours: float = Field(
+        24.0, gt=0, le=672, description="SageMaker: training time limit (MaxRuntimeInSeconds)."
+    )
+    max_wait_hours: float | None = Field(
+        None,
+        gt=0,
+        le=672,
+        description="SageMaker spot: limit including the wait for capacity; None = 2 x max_run_hours.",
+    )
+    checkpoint_s3_uri: str | None = Field(
+        None,
+        description="SageMaker: where /opt/ml/checkpoints is synced; None = under the job's own prefix. "
+        "Point a new job at an old job's URI to resume it.",
+    )
+    image_uri: str | None = Field(
+        None, description="SageMaker: training image; None = the Hugging Face PyTorch training image below."
+    )
+    # The newest Hugging Face training image the SDK lists; newer libraries come from requirements.txt.
+    transformers_version: str = Field("5.3.0", description="Hugging Face training image: transformers.")
+    pytorch_version: str = Field("2.9.0", description="Hugging Face training image: PyTorch.")
+    py_version: str = Field("py312", description="Hugging Face training image: Python.")
+    distribution: Literal["auto", "none", "torchrun"] = Field(
+        "auto",
+        description="SageMaker: auto = torchrun when instance_count > 1 or the instance has several GPUs.",
+    )
+    disable_output_compression: bool = Field(
+        False, description="SageMaker: upload the run folder as files instead of model.tar.gz."
+    )
+    environment: dict[str, str] = Field(
+        default_factory=dict,
+        description="SageMaker: extra environment variables of the job; DescribeTrainingJob shows them, "
+        "so no secrets here.",
+    )
+    pass_hf_token: bool = Field(
+        False,
+        description="SageMaker: copy the local HF_TOKEN into the job's environment, where "
+        "DescribeTrainingJob shows it to anyone with read access; prefer model.hf_token_secret.",
+    )
+
+    @model_validator(mode="after")
+    def _spot_wait(self) -> BackendSection:
+        if self.max_wait_hours is not None and self.max_wait_hours < self.max_run_hours:
+            raise ValueError(
+                f"max_wait_hours ({self.max_wait_hours}) must be >= max_run_hours ({self.max_run_hours}): "
+                "the spot time limit includes the training time"
+            )
+        return self
 
 
 class GenerationSection(_Section):

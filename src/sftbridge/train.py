@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, set_dotted
-from sftbridge.errors import ConfigError, DataError, UserError
+from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
 from sftbridge.runs import (
     CONFIG,
     METRICS,
@@ -153,8 +153,8 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     """Validate the data, train, write the run directory. Returns its path."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from transformers import set_seed
+    from trl import SFTConfig
 
     from sftbridge.data import encode_split, load_data
     from sftbridge.formatting import resolve_chat_format
@@ -166,12 +166,14 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         resolve_device,
         resolve_precision,
     )
+    from sftbridge.secrets import export_hf_token
 
     started = time.time()
     rank = int(os.environ.get("RANK", "0"))
     set_seed(config.seed)
     # Everything that can fail on bad input happens before the run folder or the weights exist.
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
+    export_hf_token(config.model.hf_token_secret)
     tokenizer = load_tokenizer(config.model)
     chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
     prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
@@ -192,14 +194,29 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         precision,
     )
 
+    from sftbridge.trainer import (
+        SafeSFTTrainer,
+        StopOnSignal,
+        clean_partial_checkpoints,
+        latest_checkpoint,
+    )
+
     writer = RunWriter(run_dir, create=rank == 0)
-    metrics = MetricsLog(writer.staging / METRICS)
+    checkpoints = (
+        Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
+    )
+    if rank == 0:
+        clean_partial_checkpoints(checkpoints)
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    stopper = StopOnSignal()
     try:
         model = load_model(config.model, device, precision)
         load_seconds = time.time() - started
         do_eval = bool(eval_set) and config.train.eval_strategy != "no"
         args = SFTConfig(
-            output_dir=str(writer.staging / "trainer"),
+            output_dir=str(checkpoints),
             num_train_epochs=config.train.epochs,
             max_steps=config.train.max_steps,
             per_device_train_batch_size=config.train.per_device_batch_size,
@@ -216,7 +233,9 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             logging_first_step=True,
             eval_strategy=config.train.eval_strategy if do_eval else "no",
             eval_steps=config.train.eval_steps,
-            save_strategy="no",
+            save_strategy="steps" if config.train.save_steps else "epoch",
+            save_steps=config.train.save_steps or 500,
+            save_total_limit=config.train.save_total_limit,
             report_to="none",
             disable_tqdm=True,
             seed=config.seed,
@@ -229,13 +248,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             dataset_num_proc=None,
         )
 
-        class LogMetrics(TrainerCallback):
-            def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                logs = kwargs.get("logs")
-                if state.is_world_process_zero and logs:
-                    metrics.write({"step": state.global_step, "epoch": state.epoch, **logs})
-
-        trainer = SFTTrainer(
+        trainer = SafeSFTTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(
@@ -248,9 +261,17 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             ),
             processing_class=tokenizer,
             peft_config=lora_config(config),
-            callbacks=[LogMetrics()],
+            callbacks=[stopper],
         )
-        result = trainer.train()
+        stopper.install()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(config, device) from exc
+        finally:
+            stopper.uninstall()
+        if stopper.signum is not None:
+            raise Interrupted(stopper.signum, latest_checkpoint(checkpoints))
         final_eval = trainer.evaluate() if do_eval else {}
         trainer.accelerator.wait_for_everyone()
         if rank != 0:
@@ -259,7 +280,9 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         peft_model: Any = trainer.model
         peft_model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
-        shutil.rmtree(writer.staging / "trainer", ignore_errors=True)
+        metrics = MetricsLog(writer.staging / METRICS)
+        for entry in trainer.state.log_history:  # restored from the checkpoint too: complete across resumes
+            metrics.write(entry)
         writer.write_text(CONFIG, dump_config(config))
         manifest = {
             "manifest_version": 1,
@@ -299,17 +322,35 @@ def train(config: RunConfig, run_dir: Path) -> Path:
                 "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
                 "total_seconds": round(time.time() - started, 2),
             },
+            "resumed_from": str(resume_from) if resume_from else None,
             "metrics": {
                 "train_loss": result.training_loss,
                 "global_step": result.global_step,
                 "eval_loss": final_eval.get("eval_loss"),
             },
         }
-        return writer.finalize(manifest)
+        finished = writer.finalize(manifest)
+        if not config.train.checkpoint_dir:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go
+        return finished
     except BaseException:
         if rank == 0:
             writer.abort()
         raise
+
+
+def checkpoint_dir_for(run_dir: Path) -> Path:
+    """Default checkpoint folder of a run: beside it, so it survives a failed run and can be resumed."""
+    return run_dir.parent / f"{run_dir.name}.checkpoints"
+
+
+def out_of_memory(config: RunConfig, device: str) -> UserError:
+    return UserError(
+        f"out of {device} memory at train.per_device_batch_size={config.train.per_device_batch_size}, "
+        f"data.max_length={config.data.max_length}. Lower train.per_device_batch_size (and raise "
+        "train.gradient_accumulation_steps to keep the effective batch), lower data.max_length, set "
+        "train.gradient_checkpointing=true, or load the base in 4-bit (model.load_in_4bit=true)."
+    )
 
 
 def _commit_hash(model: Any) -> str | None:
@@ -323,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         out = train(config, run_dir)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"interrupted: {exc}; run the same command again to resume", file=sys.stderr)
         return exc.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {out}")

@@ -1,0 +1,201 @@
+"""Resume equals uninterrupted, atomic checkpoints, signals, divergence, out of memory, reproducibility."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from sftbridge.errors import Interrupted, UserError
+from sftbridge.runs import load_manifest
+from sftbridge.train import checkpoint_dir_for, train
+
+# 24 rows, batch 8: 3 steps an epoch; 8 steps = 2 epochs and a bit.
+STEPS = dict(train__max_steps=8, train__save_steps=2, train__logging_steps=1, lora__dropout=0.1)
+
+
+def losses(run: Path) -> list[float]:
+    return [
+        row["loss"]
+        for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "loss" in row
+    ]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def stop_after(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliver SIGTERM's effect (the handler's flag) when `step` ends, as a real signal would."""
+    from sftbridge.trainer import StopOnSignal
+
+    original = StopOnSignal.on_step_end
+
+    def on_step_end(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step == step:
+            self._handle(signal.SIGTERM, None)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", on_step_end)
+
+
+def test_resume_equals_uninterrupted(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = train(tiny_config(**STEPS), tmp_path / "straight")
+    assert not checkpoint_dir_for(straight).exists()  # a finished run drops its checkpoints
+
+    resumed_dir = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        stop_after(4, patch)
+        with pytest.raises(Interrupted) as info:
+            train(tiny_config(**STEPS), resumed_dir)
+    assert info.value.exit_code == 143
+    assert info.value.checkpoint == checkpoint_dir_for(resumed_dir) / "checkpoint-4"
+    assert not resumed_dir.exists()  # nothing half-finished is presented as a run
+
+    resumed = train(tiny_config(**STEPS), resumed_dir)
+    assert load_manifest(resumed)["resumed_from"].endswith("checkpoint-4")
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert len(losses(resumed)) == 8
+    first, second = adapter(straight), adapter(resumed)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-7)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftbridge.trainer import SafeSFTTrainer, latest_checkpoint
+
+    original = SafeSFTTrainer._save_optimizer_and_scheduler
+
+    def flaky(self: Any, output_dir: str) -> None:
+        if self.state.global_step == 4:
+            raise OSError("disk full (injected)")
+        original(self, output_dir)
+
+    monkeypatch.setattr(SafeSFTTrainer, "_save_optimizer_and_scheduler", flaky)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="injected"):
+        train(tiny_config(**STEPS), run_dir)
+    checkpoints = checkpoint_dir_for(run_dir)
+    assert latest_checkpoint(checkpoints) == checkpoints / "checkpoint-2"
+    assert (checkpoints / ".tmp-checkpoint-4").exists()  # the half-written one, never picked
+    assert not run_dir.exists()
+
+    monkeypatch.undo()
+    finished = train(tiny_config(**STEPS), run_dir)
+    assert load_manifest(finished)["resumed_from"].endswith("checkpoint-2")
+    assert not (checkpoints / ".tmp-checkpoint-4").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftbridge.trainer import SafeSFTTrainer
+
+    original = SafeSFTTrainer.compute_loss
+
+    def poisoned(self: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = original(self, *args, **kwargs)
+        if self.state.global_step == 3:
+            loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(SafeSFTTrainer, "compute_loss", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(
+        UserError, match=r"training diverged at step 4: the loss is nan.*learning rate"
+    ) as info:
+        train(tiny_config(**STEPS), run_dir)
+    assert "train.learning_rate=0.005" in str(info.value)
+    checkpoints = sorted(p.name for p in checkpoint_dir_for(run_dir).iterdir())
+    assert checkpoints == ["checkpoint-2"]  # nothing written at or after the bad step
+    assert not run_dir.exists()
+
+
+def test_out_of_memory_names_the_keys_to_change(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftbridge.trainer import SafeSFTTrainer
+
+    def oom(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(SafeSFTTrainer, "training_step", oom)
+    with pytest.raises(UserError) as info:
+        train(tiny_config(), tmp_path / "run")
+    message = str(info.value)
+    for text in (
+        "train.per_device_batch_size=8",
+        "data.max_length=128",
+        "train.gradient_accumulation_steps",
+        "train.gradient_checkpointing",
+        "model.load_in_4bit",
+    ):
+        assert text in message
+
+
+def test_same_seed_same_losses(tiny_config: Any, tmp_path: Path) -> None:
+    first = train(tiny_config(train__max_steps=4, train__logging_steps=1), tmp_path / "a")
+    second = train(tiny_config(train__max_steps=4, train__logging_steps=1), tmp_path / "b")
+    assert losses(first) == losses(second)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_then_resume(tmp_path: Path, qa_rows: list[dict[str, str]]) -> None:
+    """A real SIGTERM to the training process: checkpoint, non-zero exit, then the same command finishes."""
+    from conftest import write_jsonl
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", qa_rows)
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "sftbridge.train",
+        "--config",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        "--run-dir",
+        str(run_dir),
+        f"data.train_file={train_file}",
+        "data.test_file=null",
+        "train.epochs=30",
+        "train.save_steps=1000",
+        "train.logging_steps=1",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "'loss'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    started = time.time()
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output[-2000:]
+    assert time.time() - started < 60
+    assert "interrupted: stopped by SIGTERM" in output
+    checkpoint = next(checkpoint_dir_for(run_dir).glob("checkpoint-*"))
+    assert not run_dir.exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    manifest = load_manifest(run_dir)
+    assert manifest["resumed_from"].endswith(checkpoint.name)
+    assert manifest["metrics"]["global_step"] == 60
