@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from sftbridge.errors import Interrupted, UserError
-from sftbridge.runs import load_manifest
-from sftbridge.train import checkpoint_dir_for, train
+from sftbridge.runs import checkpoint_dir_for, load_manifest
+from sftbridge.train import train
 
 # 24 rows, batch 8: 3 steps an epoch; 8 steps = 2 epochs and a bit.
 STEPS = dict(train__max_steps=8, train__save_steps=2, train__logging_steps=1, lora__dropout=0.1)
@@ -76,7 +76,8 @@ def test_resume_equals_uninterrupted(
 def test_failed_save_leaves_the_previous_checkpoint(
     tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sftbridge.trainer import SafeSFTTrainer, latest_checkpoint
+    from sftbridge.runs import latest_checkpoint
+    from sftbridge.trainer import SafeSFTTrainer
 
     original = SafeSFTTrainer._save_optimizer_and_scheduler
 
@@ -199,3 +200,49 @@ def test_sigterm_mid_run_then_resume(tmp_path: Path, qa_rows: list[dict[str, str
     manifest = load_manifest(run_dir)
     assert manifest["resumed_from"].endswith(checkpoint.name)
     assert manifest["metrics"]["global_step"] == 60
+
+
+def test_reproduce_from_the_manifest(
+    tiny_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sftbridge.cli import main
+
+    original = train(tiny_config(train__max_steps=3, train__logging_steps=1), tmp_path / "original")
+    assert main(["reproduce", str(original), "--run-dir", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "(identical)" in out
+    assert losses(tmp_path / "again") == losses(original)
+
+    train_file = Path(next(iter(load_manifest(original)["data"]["sha256"])))
+    train_file.write_text(train_file.read_text().replace("?", "??", 1))
+    assert main(["reproduce", str(original), "--run-dir", str(tmp_path / "third")]) == 2
+    assert "its sha256 differs from the run's" in capsys.readouterr().err
+    assert not (tmp_path / "third").exists()
+
+
+def test_cli_resume_and_no_secret_in_checkpoints(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import FAKE_TOKEN
+    from sftbridge.cli import main
+    from sftbridge.config import dump_config
+
+    config = tiny_config(**STEPS)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config_file), "--resume", str(run_dir)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+    with monkeypatch.context() as patch:
+        stop_after(2, patch)
+        with pytest.raises(Interrupted):
+            train(config, run_dir)
+    for path in checkpoint_dir_for(run_dir).rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+    assert main(["train", str(config_file), "--resume", str(run_dir)]) == 0
+    assert load_manifest(run_dir)["resumed_from"].endswith("checkpoint-2")
+    assert main(["train", str(config_file), "--resume", str(run_dir)]) == 2
+    assert "already finished" in capsys.readouterr().err

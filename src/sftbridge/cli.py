@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 lora.r=16")
     train.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
     train.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
+    )
     train.set_defaults(func=cmd_train)
 
     preview = commands.add_parser("preview", help="show training examples exactly as the model sees them")
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=cmd_eval)
     # Command groups that live in their own modules register below, one line each.
+    _register("sftbridge.reproduce", commands)
     return parser
 
 
@@ -90,8 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     # Fail on bad data here, before a subprocess, an upload or a model load.
     load_data(config.data, eval_strategy=config.train.eval_strategy)
+    run_dir = args.resume or args.run_dir
+    if args.resume:
+        check_resumable(config, args.resume)
     backend = get_backend(config.backend.name)
-    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=args.run_dir)
+    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=run_dir)
     print(f"job {job.id} ({backend.name})", flush=True)
     code = job.wait()
     if code != 0:
@@ -99,6 +106,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return code
     print(f"run directory: {job.fetch()}")
     return 0
+
+
+def check_resumable(config: Any, run_dir: Path) -> None:
+    from sftbridge.errors import RunDirError
+    from sftbridge.runs import checkpoint_dir_for, is_complete, latest_checkpoint
+
+    if is_complete(run_dir):
+        raise RunDirError(f"{run_dir}: this run already finished; nothing to resume")
+    folder = Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
+    if latest_checkpoint(folder) is None:
+        raise RunDirError(f"--resume {run_dir}: no complete checkpoint in {folder}; start a new run instead")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

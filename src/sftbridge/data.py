@@ -25,6 +25,9 @@ from sftbridge.formatting import Encoded, Example, FormatError, PromptFormat
 log = logging.getLogger(__name__)
 
 MAX_REPORTED = 20  # problems listed per file before "... and N more"
+# A line this long (~1M tokens) is a broken file (a missing newline, a binary blob), not an example; refusing
+# it early avoids minutes of tokenization before the over-length policy would drop it anyway.
+MAX_LINE_BYTES = 4 << 20
 ROLES = ("system", "user", "assistant")
 DataFormat = Literal["qa", "template", "messages", "text"]
 
@@ -92,6 +95,12 @@ def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Record]:
         if not line.strip():
             continue
         where = f"{path} line {number}"
+        if len(line) > MAX_LINE_BYTES:
+            problems.append(
+                f"{where}: {len(line) / (1 << 20):.1f} MB on one line (the limit is "
+                f"{MAX_LINE_BYTES >> 20} MB); is a newline missing between records?"
+            )
+            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -33,6 +34,8 @@ ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 MANIFEST_VERSION = 1
+CHECKPOINT_COMPLETE = "SFTBRIDGE_COMPLETE"  # inside checkpoint-N/, written last
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 # Values of these variables are scrubbed from anything we write, should one ever reach a string.
 SECRET_ENV_VARS = (
@@ -101,6 +104,23 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         raise RunDirError(f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it")
     manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     return manifest
+
+
+def checkpoint_dir_for(run_dir: Path) -> Path:
+    """Default checkpoint folder of a run: beside it, so it survives a failed run and can be resumed."""
+    return run_dir.parent / f"{run_dir.name}.checkpoints"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in ``folder`` (half-written ones are ignored)."""
+    if not folder.is_dir():
+        return None
+    complete = [
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
+    ]
+    return max(complete)[1] if complete else None
 
 
 def library_versions() -> dict[str, str | None]:

@@ -26,8 +26,10 @@ from sftbridge.runs import (
     METRICS,
     MetricsLog,
     RunWriter,
+    checkpoint_dir_for,
     default_run_dir,
     git_state,
+    latest_checkpoint,
     library_versions,
 )
 
@@ -194,12 +196,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         precision,
     )
 
-    from sftbridge.trainer import (
-        SafeSFTTrainer,
-        StopOnSignal,
-        clean_partial_checkpoints,
-        latest_checkpoint,
-    )
+    from sftbridge.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
 
     writer = RunWriter(run_dir, create=rank == 0)
     checkpoints = (
@@ -337,11 +334,6 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         if rank == 0:
             writer.abort()
         raise
-
-
-def checkpoint_dir_for(run_dir: Path) -> Path:
-    """Default checkpoint folder of a run: beside it, so it survives a failed run and can be resumed."""
-    return run_dir.parent / f"{run_dir.name}.checkpoints"
 
 
 def out_of_memory(config: RunConfig, device: str) -> UserError:

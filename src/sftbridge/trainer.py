@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -24,27 +23,13 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from sftbridge.errors import UserError
+from sftbridge.runs import CHECKPOINT_COMPLETE, CHECKPOINT_PATTERN, latest_checkpoint
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_COMPLETE = "SFTBRIDGE_COMPLETE"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class DivergenceError(UserError):
     """The loss or gradient norm stopped being finite."""
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (ignores half-written ones)."""
-    if not folder.is_dir():
-        return None
-    complete = [
-        (int(match.group(1)), path)
-        for path in folder.iterdir()
-        if (match := _CHECKPOINT.match(path.name)) and (path / CHECKPOINT_COMPLETE).is_file()
-    ]
-    return max(complete)[1] if complete else None
 
 
 class StopOnSignal(TrainerCallback):
@@ -131,7 +116,7 @@ class SafeSFTTrainer(SFTTrainer):
         complete: list[tuple[int, Path]] = []
         unmarked: list[tuple[int, Path]] = []
         for path in root.iterdir():
-            if match := _CHECKPOINT.match(path.name):
+            if match := CHECKPOINT_PATTERN.match(path.name):
                 bucket = complete if (path / CHECKPOINT_COMPLETE).is_file() else unmarked
                 bucket.append((int(match.group(1)), path))
         limit = self.args.save_total_limit or len(complete)
