@@ -124,6 +124,13 @@ class TrainSection(_Section):
     optim: str = Field("adamw_torch", description="transformers optimizer name; paged_adamw_8bit for QLoRA.")
     # Off by default: it costs ~30% speed; the 7B configs turn it on to fit activations on a 24 GB GPU.
     gradient_checkpointing: bool = False
+    # Speed options; each is measured on/off by benchmarks/ and stays off until it wins on the target device.
+    packing: bool = Field(False, description="Pack examples into max_length rows (TRL best-fit decreasing).")
+    padding_free: bool = Field(False, description="Flatten a batch into one row; needs flash attention.")
+    use_liger_kernel: bool = Field(
+        False, description="Liger fused Triton kernels (GPU, pip install liger-kernel)."
+    )
+    group_by_length: bool = Field(False, description="Batch examples of similar length: less padding.")
     logging_steps: int = Field(10, gt=0)
     checkpoint_dir: str | None = Field(
         None,

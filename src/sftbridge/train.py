@@ -243,6 +243,10 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             fp16=precision == "fp16",
             max_length=max_length,
             dataset_num_proc=None,
+            packing=config.train.packing,
+            padding_free=config.train.padding_free,
+            use_liger_kernel=config.train.use_liger_kernel,
+            train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
         )
 
         trainer = SafeSFTTrainer(
