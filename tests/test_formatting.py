@@ -111,3 +111,12 @@ def test_manifest_round_trip() -> None:
 
     fmt = PromptFormat("template", "plain", Template(prompt="{x}", completion="{y}"), "sys")
     assert PromptFormat.from_dict(fmt.to_dict()) == fmt
+
+
+def test_chat_history_gets_the_system_prompt_once(tokenizer: Any) -> None:
+    fmt = PromptFormat("messages", "chat_template", system_prompt="Be brief.")
+    history = [{"role": "user", "content": "What is H2O?"}]
+    with_system = fmt.with_system(history)
+    assert with_system[0] == {"role": "system", "content": "Be brief."}
+    assert fmt.with_system(with_system) == with_system
+    assert fmt.render_prompt(tokenizer, with_system).startswith("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>")

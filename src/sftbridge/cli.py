@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 lora.r=16")
     train.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
     train.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
+    train.add_argument("--dry-run", action="store_true", help="print the request; submit nothing (sagemaker)")
+    train.add_argument(
+        "--detach", action="store_true", help="submit and return; follow with status/logs/fetch (sagemaker)"
+    )
     train.add_argument(
         "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
     )
@@ -72,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=cmd_eval)
     # Command groups that live in their own modules register below, one line each.
+    _register("sftbridge.serving_cli", commands)
     _register("sftbridge.reproduce", commands)
+    _register("sftbridge.jobs_cli", commands)
+    _register("sftbridge.plan", commands)
     return parser
 
 
@@ -92,14 +99,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.backend:
         overrides.append(f"backend.name={args.backend}")
     config = load_config(args.config, overrides)
-    # Fail on bad data here, before a subprocess, an upload or a model load.
-    load_data(config.data, eval_strategy=config.train.eval_strategy)
+    # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
+    data_files = (config.data.train_file, config.data.validation_file, config.data.test_file)
+    if not any(str(path).startswith("s3://") for path in data_files):
+        load_data(config.data, eval_strategy=config.train.eval_strategy)
     run_dir = args.resume or args.run_dir
     if args.resume:
         check_resumable(config, args.resume)
     backend = get_backend(config.backend.name)
+    if args.dry_run or args.detach:
+        return _remote_only(args, backend, config, overrides)
     job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=run_dir)
     print(f"job {job.id} ({backend.name})", flush=True)
+    console_url = getattr(job, "console_url", None)  # a remote job: where to watch it
+    if console_url:
+        print(console_url, flush=True)
     code = job.wait()
     if code != 0:
         print(f"error: training failed ({job.status()})", file=sys.stderr)
@@ -117,6 +131,25 @@ def check_resumable(config: Any, run_dir: Path) -> None:
     folder = Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
     if latest_checkpoint(folder) is None:
         raise RunDirError(f"--resume {run_dir}: no complete checkpoint in {folder}; start a new run instead")
+
+
+def _remote_only(args: argparse.Namespace, backend: Any, config: Any, overrides: list[str]) -> int:
+    """``train --dry-run`` (print the request) and ``train --detach`` (submit, don't wait)."""
+    from sftbridge.errors import ConfigError
+
+    if args.dry_run:
+        if not hasattr(backend, "dry_run"):
+            raise ConfigError(f"--dry-run: backend {backend.name!r} has no dry run")
+        print(backend.dry_run(config, config_path=args.config, overrides=overrides))
+        return 0
+    if backend.name == "local":
+        raise ConfigError("--detach: the local backend trains in the foreground; drop --detach")
+    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=args.run_dir)
+    print(f"job {job.id} ({backend.name})")
+    if getattr(job, "console_url", None):
+        print(job.console_url)
+    print(f"follow it: sftbridge status {job.id} / sftbridge logs {job.id} -f / sftbridge fetch {job.id}")
+    return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

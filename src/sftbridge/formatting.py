@@ -61,7 +61,7 @@ class PromptFormat:
     def record_to_messages(self, record: dict[str, Any]) -> list[Message]:
         """A Q/A or template record → [system?, user, assistant]."""
         template = self.effective_template
-        return self._with_system(
+        return self.with_system(
             [
                 {"role": "user", "content": fill(template.prompt, record)},
                 {"role": "assistant", "content": fill(template.completion, record)},
@@ -76,9 +76,9 @@ class PromptFormat:
             if len(set(fields)) == 1
             else question
         )
-        return self._with_system([{"role": "user", "content": content}])
+        return self.with_system([{"role": "user", "content": content}])
 
-    def _with_system(self, messages: list[Message]) -> list[Message]:
+    def with_system(self, messages: list[Message]) -> list[Message]:
         if self.system_prompt and messages[0]["role"] != "system":
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return messages
@@ -112,7 +112,7 @@ class PromptFormat:
             body = _bos(tokenizer) + example.text
             return body + _eos(tokenizer), [(len(_bos(tokenizer)), len(body) + len(_eos(tokenizer)))]
         assert example.messages is not None
-        messages = self._with_system(example.messages)
+        messages = self.with_system(example.messages)
         if self.chat_format == "plain":
             prompt = self.render_prompt(tokenizer, messages[:-1])
             if messages[-1]["role"] != "assistant" or any(m["role"] == "assistant" for m in messages[:-1]):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.errors import DataError
-from sftbridge.runs import CONFIG, library_versions, load_manifest
 
 
 def register(commands: Any) -> None:
@@ -37,6 +36,8 @@ def data_mismatches(manifest: dict[str, Any]) -> list[str]:
 
 
 def version_differences(manifest: dict[str, Any]) -> list[str]:
+    from sftbridge.runs import library_versions
+
     now = library_versions()
     return [
         f"{name}: {was} in the run, {now.get(name)} here"
@@ -48,6 +49,7 @@ def version_differences(manifest: dict[str, Any]) -> list[str]:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from sftbridge.backends import get_backend
     from sftbridge.config import load_config
+    from sftbridge.runs import CONFIG, load_manifest
 
     manifest = load_manifest(args.run)
     problems = data_mismatches(manifest)

@@ -241,7 +241,9 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             # TRL defaults to bf16; the CPU trains in fp32 (bf16 autocast there is slower and changes logits).
             bf16=precision == "bf16",
             fp16=precision == "fp16",
-            max_length=max_length,
+            # Examples are already cut to data.max_length by encode_split; TRL refuses max_length with
+            # padding-free batches unless it packs, so it only gets the length when it needs it.
+            max_length=None if config.train.padding_free and not config.train.packing else max_length,
             dataset_num_proc=None,
             packing=config.train.packing,
             padding_free=config.train.padding_free,

@@ -18,7 +18,10 @@ from sftbridge.errors import ConfigError
 ENTRY_POINT_GROUP = "sftbridge.backends"
 
 # name -> "module:Class"; imported on use, so a backend's SDK is only imported when it is picked.
-BUILTIN_BACKENDS = {"local": "sftbridge.backends.local:LocalBackend"}
+BUILTIN_BACKENDS = {
+    "local": "sftbridge.backends.local:LocalBackend",
+    "sagemaker": "sftbridge.backends.sagemaker:SageMakerBackend",
+}
 
 
 @runtime_checkable

@@ -1,0 +1,57 @@
+"""``sftbridge status|logs|fetch JOB``: follow a job a remote backend runs, and bring its run home."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from sftbridge.errors import ConfigError
+
+
+def register(commands: Any) -> None:
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+        parser.add_argument("job", help="the job's name, as `sftbridge train` printed it")
+        parser.add_argument("--backend", default="sagemaker", help="backend that runs the job (sagemaker)")
+        parser.add_argument("--region", help="AWS region of the job (default: the AWS profile's)")
+        return parser
+
+    status = add("status", "state, elapsed and billable time, failure reason of a job")
+    status.set_defaults(func=cmd_status)
+    logs = add("logs", "a job's log (CloudWatch for SageMaker)")
+    logs.add_argument("--follow", "-f", action="store_true", help="print new lines until the job ends")
+    logs.set_defaults(func=cmd_logs)
+    fetch = add("fetch", "download a finished job's output into a local run directory")
+    fetch.add_argument("--run-dir", type=Path, help="where the run goes (default: runs/<job>)")
+    fetch.set_defaults(func=cmd_fetch)
+
+
+def _job(args: argparse.Namespace) -> Any:
+    from sftbridge.backends import get_backend
+
+    backend = get_backend(args.backend)
+    lookup = getattr(backend, "job", None)
+    if lookup is None:
+        raise ConfigError(f"--backend {args.backend}: this backend cannot look up a job by name")
+    return lookup(args.job, region=args.region)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = _job(args)
+    for key, value in job.summary():
+        print(f"{key:<9} {value}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    for line in _job(args).logs(follow=args.follow):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    print(f"run directory: {_job(args).fetch(args.run_dir)}")
+    return 0

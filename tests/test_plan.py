@@ -1,0 +1,219 @@
+"""``sftbridge plan``: memory, tokens, time and cost for the tiny config and the shipped 7B configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from conftest import ROOT
+from sftbridge.config import load_config
+from sftbridge.errors import ConfigError
+from sftbridge.plan import (
+    GB,
+    INSTANCES,
+    KNOWN_SHAPES,
+    PRICE_TABLE_DATE,
+    SAGEMAKER_OVERHEAD_HOURS,
+    Lengths,
+    batching,
+    layer_activation_bytes,
+    make_plan,
+    model_shapes,
+    weight_bytes,
+)
+
+LLAMA2_7B = KNOWN_SHAPES["meta-llama/llama-2-7b-chat-hf"]
+# A skewed mix like instruction data: many short examples, a few long ones (tokens, trained tokens).
+SKEWED = Lengths([40] * 50 + [120] * 30 + [300] * 15 + [500] * 5, [10] * 50 + [60] * 30 + [150] * 20, "test")
+
+
+@pytest.fixture
+def in_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the shipped configs name data/ relative to the repository root
+
+
+def config_7b(name: str, *overrides: str) -> Any:
+    return load_config(ROOT / "configs" / f"{name}.yaml", list(overrides))
+
+
+def test_llama2_7b_weights_in_4_and_16_bit() -> None:
+    assert LLAMA2_7B.total_params == 6_738_415_616  # the published 6.74B of Llama-2-7B
+    four_bit = weight_bytes(LLAMA2_7B, 4, other_bytes=2) / GB
+    sixteen_bit = weight_bytes(LLAMA2_7B, 16, other_bytes=2) / GB
+    assert 3.5 <= four_bit <= 4.0
+    assert sixteen_bit == pytest.approx(13.48, abs=0.02)
+    assert weight_bytes(LLAMA2_7B, 32, other_bytes=4) == pytest.approx(2 * sixteen_bit * GB)
+    # 13B: twice-ish; the table covers it without a download.
+    assert weight_bytes(KNOWN_SHAPES["meta-llama/llama-2-13b-hf"], 16, 2) / GB == pytest.approx(26.0, abs=0.1)
+
+
+def test_shipped_7b_configs(in_root: None) -> None:
+    qlora = make_plan(config_7b("llama2-7b-chat-qlora"), gpu="a10g", lengths=SKEWED)
+    lora = make_plan(config_7b("llama2-7b-chat-lora"), gpu="a100-40gb", lengths=SKEWED)
+    assert qlora.memory.weight_bits == 4 and lora.memory.weight_bits == 16
+    assert 3.5 * GB <= qlora.memory.weights <= 4.0 * GB
+    # JumpStart's q_proj/v_proj at r=8: 2 x 8 x (4096 + 4096) x 32 layers.
+    assert qlora.memory.lora_params == lora.memory.lora_params == 4_194_304
+    assert lora.memory.lora_state == 4_194_304 * 16  # fp32 weight + grad + 2 AdamW moments
+    assert qlora.memory.lora_state == 4_194_304 * (2 + 2 + 1 + 1)  # bf16 (TRL), paged 8-bit AdamW
+    assert qlora.fits and lora.fits
+    assert qlora.memory.peak_total < qlora.target.gpu.memory_bytes  # type: ignore[union-attr]
+    assert qlora.memory.peak_total == pytest.approx(qlora.memory.peak_reserved + 0.5 * GB)
+
+
+def test_checkpointing_lowers_the_activation_estimate(in_root: None) -> None:
+    off = make_plan(config_7b("llama2-7b-chat-lora"), gpu="h100", lengths=SKEWED)
+    on = make_plan(
+        config_7b("llama2-7b-chat-lora", "train.gradient_checkpointing=true"), gpu="h100", lengths=SKEWED
+    )
+    assert on.memory.activations < off.memory.activations / 5
+    assert on.memory.activations == off.memory.activations_with_checkpointing
+    assert on.memory.peak_total < off.memory.peak_total
+    # Recomputing the forward costs time: 6N instead of 4N of work per token.
+    assert on.throughput.seconds_per_epoch > off.throughput.seconds_per_epoch  # type: ignore[operator]
+
+
+def test_activation_model_matches_what_autograd_saves() -> None:
+    """The per-layer formula against the tensors autograd really keeps for one decoder layer (fp32, CPU)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sftbridge.config import ModelSection
+    from sftbridge.modeling import model_path
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = AutoModelForCausalLM.from_pretrained(model_path(ModelSection()), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules=targets))
+    model.train()
+    layer, rotary = model.base_model.model.model.layers[0], model.base_model.model.model.rotary_emb
+    batch, length = 4, 256
+    hidden = torch.randn(batch, length, 128, requires_grad=True)
+    position = rotary(hidden, torch.arange(length)[None])
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() >= batch * length:  # activations, not weights
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer(hidden, position_embeddings=position, attention_mask=None)
+    measured = sum(storages.values()) / (batch * length)
+    shapes = model_shapes("builtin:tiny-llama")
+    predicted = layer_activation_bytes(
+        shapes, 16, targets, 0.05, 4, quantized=False, eager=False, context=length
+    )
+    assert predicted == pytest.approx(measured, rel=0.1)
+
+
+def test_batching_padding_packing_grouping() -> None:
+    config = load_config(
+        None, ["data.train_file=x.jsonl", "data.max_length=512", "train.per_device_batch_size=8"]
+    )
+    padded = batching(config, SKEWED.tokens, world=1)
+    assert padded.real_tokens_per_epoch == sum(SKEWED.tokens)
+    assert padded.non_pad_share < 0.6  # a 500-token example pads most batches it lands in
+    grouped_config = load_config(
+        None,
+        [
+            "data.train_file=x.jsonl",
+            "data.max_length=512",
+            "train.per_device_batch_size=8",
+            "train.group_by_length=true",
+        ],
+    )
+    grouped = batching(grouped_config, SKEWED.tokens, world=1)
+    assert grouped.non_pad_share > padded.non_pad_share
+    packed_config = load_config(
+        None, ["data.train_file=x.jsonl", "data.max_length=512", "train.packing=true"]
+    )
+    packed = batching(packed_config, SKEWED.tokens, world=1)
+    assert packed.non_pad_share == 1.0
+    assert packed.peak_micro_batch == (4, 512)  # the default batch of 4 full rows
+    rows = -(-sum(SKEWED.tokens) // 512)  # ceil: best-fit decreasing fills rows of short examples
+    assert packed.micro_batches_per_epoch == -(-rows // 4)
+
+
+def test_tiny_config_on_the_cpu(in_root: None) -> None:
+    """The tokenizer-only path: real token lengths of the sample data, no weights loaded."""
+    config = load_config(ROOT / "configs" / "tiny-cpu.yaml")
+    plan = make_plan(config)
+    assert plan.target.kind == "cpu" and plan.fits is None and plan.cost is None
+    assert plan.data["examples"] == 240 and plan.data["source"] == "tokenizer"
+    assert 0 < plan.data["trained_tokens"] < plan.data["tokens"] and plan.data["max"] <= 128
+    assert plan.shapes.hidden_size == 128 and plan.shapes.num_layers == 2  # its config.json
+    assert plan.memory.weight_bits == 32
+    assert plan.throughput.steps_per_epoch == 15  # 240 examples / batch 16
+    assert plan.throughput.seconds_per_epoch is None  # no GPU, no MFU
+    assert 0.5 * GB < plan.memory.peak_total < 1.5 * GB  # the Python runtime dominates a 2-layer model
+
+
+def test_a_run_that_does_not_fit_warns_and_names_keys(in_root: None) -> None:
+    config = config_7b("llama2-7b-chat-lora", "train.per_device_batch_size=64")
+    plan = make_plan(config, gpu="a10g", lengths=SKEWED)
+    assert plan.fits is False
+    (warning,) = plan.warnings
+    assert "will not fit" in warning
+    for key in (
+        "train.gradient_checkpointing=true",
+        "model.load_in_4bit=true",
+        "train.per_device_batch_size=1",
+    ):
+        assert key in warning
+
+
+def test_cost_is_hours_times_price(in_root: None) -> None:
+    config = config_7b("llama2-7b-chat-qlora-sagemaker")
+    plan = make_plan(config, lengths=SKEWED)  # backend.instance_type of the config: ml.g5.2xlarge
+    assert plan.cost is not None and plan.throughput.training_hours is not None
+    assert (
+        plan.cost.instance_type == "ml.g5.2xlarge"
+        and plan.cost.price_per_hour == INSTANCES["ml.g5.2xlarge"][2]
+    )
+    assert plan.cost.billed_hours == pytest.approx(plan.throughput.training_hours + SAGEMAKER_OVERHEAD_HOURS)
+    assert plan.cost.usd == pytest.approx(plan.cost.billed_hours * 1.515)
+    assert plan.cost.price_table_date == PRICE_TABLE_DATE
+    # Eight H100s: 8x the work per hour, 113.07 $/h.
+    p5 = make_plan(config, instance_type="ml.p5.48xlarge", lengths=SKEWED)
+    assert p5.target.world == 8 and p5.cost is not None
+    assert p5.cost.usd == pytest.approx(p5.cost.billed_hours * 113.07)
+    assert p5.throughput.training_hours < plan.throughput.training_hours  # type: ignore[operator]
+
+
+def test_unknown_model_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"model\.name_or_path"):
+        model_shapes("nobody/no-such-model")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sftbridge.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_cli_prints_the_plan_and_warns_with_exit_0() -> None:
+    out = run_cli("configs/llama2-7b-chat-lora.yaml", "train.per_device_batch_size=256", "--gpu", "a10g")
+    assert out.returncode == 0, out.stderr
+    assert "base weights, 16-bit: 13.48 GB" in out.stdout
+    assert "fits      NO" in out.stdout
+    assert "WARNING: the run will not fit" in out.stdout and "train.gradient_checkpointing=true" in out.stdout
+    assert "estimated at 3.6 characters per token" in out.stdout  # the gated tokenizer is not readable here
+
+
+def test_cli_json() -> None:
+    out = run_cli(
+        "configs/tiny-cpu.yaml", "train.per_device_batch_size=4", "--instance-type", "ml.g6.2xlarge", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["target"]["gpu"]["name"] == "NVIDIA L4"
+    assert plan["throughput"]["steps_per_epoch"] == 60
+    assert plan["cost"]["usd"] == pytest.approx(plan["cost"]["billed_hours"] * 1.222)
+    assert plan["cost"]["price_table_date"] == PRICE_TABLE_DATE
+    assert plan["memory_bytes"]["peak_total"] > plan["memory_bytes"]["peak_reserved"]
+    assert run_cli("configs/tiny-cpu.yaml", "--gpu", "tpu").returncode == 2

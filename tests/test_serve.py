@@ -1,0 +1,382 @@
+"""The local endpoint: a real server on 127.0.0.1, driven by Hugging Face's own client and by raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT
+
+QUESTION = "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
+ANSWER = "melanin"  # its answer in data/sciq-sample/train.jsonl, which the tiny run memorises
+# The seed's request to its JumpStart (TGI) endpoint, byte for byte.
+SEED_PAYLOAD = (
+    '{"inputs": "<s>[INST] How do bipedal creatures walk? [/INST] ", "parameters": {"max_new_tokens": 256, '
+    '"top_p": 0.9, "temperature": 0.6, "decoder_input_details": true, "details": true}}'
+)
+
+
+@pytest.fixture(autouse=True)
+def _hub_client_may_reach_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest sets HF_HUB_OFFLINE=1 (no model hub), which also stops InferenceClient reaching 127.0.0.1."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run: Path) -> Any:
+    from sftbridge.inference import Predictor
+
+    return Predictor.from_run(trained_run, device="cpu")
+
+
+def start(predictor: Any, **settings: Any) -> Any:
+    from sftbridge.serve import ServeSettings, make_server
+
+    server = make_server(predictor, ServeSettings(port=0, **settings), source="tiny-run")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop(server: Any) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(predictor: Any) -> Iterator[Any]:
+    server = start(predictor, max_new_tokens_cap=256)
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def expected(predictor: Any) -> Any:
+    """What the wrapper answers in-process: the server must answer exactly this."""
+    return predictor.generate([predictor.prompt(QUESTION)])[0]
+
+
+def post(
+    server: Any, path: str, body: str | bytes | dict[str, Any], headers: dict[str, str] | None = None
+) -> Any:
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=120)
+    data = json.dumps(body) if isinstance(body, dict) else body
+    connection.request("POST", path, body=data, headers=headers or {})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, json.loads(payload) if payload.startswith((b"{", b"[")) else payload
+
+
+def get(server: Any, path: str) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    connection.close()
+    return status, payload
+
+
+def client(server: Any) -> Any:
+    from huggingface_hub import InferenceClient
+
+    # A placeholder key: left unset, the client would send HF_TOKEN to whatever base_url it is given.
+    # Keep the client referenced while streaming: it closes its open responses when collected.
+    return InferenceClient(base_url=server.url, api_key="local-endpoint")
+
+
+def test_binds_loopback_by_default_and_answers_ping_and_info(server: Any, predictor: Any) -> None:
+    from sftbridge.serve import ServeSettings
+
+    assert ServeSettings().host == "127.0.0.1"
+    assert server.server_address[0] == "127.0.0.1"
+    assert get(server, "/ping") == (200, {"status": "ok"})
+    status, info = get(server, "/info")  # InferenceClient.get_endpoint_info() refuses a base_url
+    assert status == 200
+    assert info["model_pipeline_tag"] == "text-generation"
+    assert info["max_total_tokens"] == predictor.model.config.max_position_embeddings
+    assert info["sftbridge"]["prompt_format"] == predictor.prompt_format.to_dict()
+
+
+def test_text_generation_with_details_is_the_wrappers_answer(
+    server: Any, predictor: Any, expected: Any
+) -> None:
+    output = client(server).text_generation(QUESTION, details=True, decoder_input_details=True)
+    assert output.generated_text.strip() == expected.text
+    assert ANSWER in output.generated_text
+    details = output.details
+    assert details.finish_reason == "eos_token"
+    assert details.seed is None  # greedy, as the run's generation defaults say
+    assert [t.id for t in details.tokens] == [*expected.token_ids, predictor.tokenizer.eos_token_id]
+    assert details.generated_tokens == len(details.tokens)
+    assert details.tokens[-1].special and not any(t.special for t in details.tokens[:-1])
+    assert all(t.logprob <= 0 for t in details.tokens)
+    assert "".join(t.text for t in details.tokens[:-1]) == output.generated_text
+    assert len(details.prefill) == expected.prompt_tokens and details.prefill[0].logprob is None
+    assert all(t.logprob < 0 for t in details.prefill[1:])
+
+
+def test_streaming_gives_the_same_answer_token_by_token(server: Any, expected: Any) -> None:
+    hf = client(server)
+    events = list(hf.text_generation(QUESTION, stream=True, details=True))
+    assert [e.index for e in events] == list(range(1, len(events) + 1))
+    assert all(e.generated_text is None and e.details is None for e in events[:-1])
+    final = events[-1]
+    assert final.generated_text.strip() == expected.text
+    assert "".join(e.token.text for e in events if not e.token.special) == final.generated_text
+    assert final.details.finish_reason == "eos_token"
+    assert final.details.generated_tokens == len(events)
+    assert final.details.input_length == expected.prompt_tokens
+    texts = list(hf.text_generation(QUESTION, stream=True))  # details=False: the token texts
+    assert "".join(texts).replace("</s>", "").strip() == expected.text
+    status, raw = post(server, "/generate_stream", {"inputs": QUESTION, "parameters": {"details": True}})
+    chunks = raw.decode().split("\n\n")  # TGI's framing: "data:{json}" events, blank-line separated
+    assert status == 200 and chunks[-1] == "" and all(c.startswith("data:{") for c in chunks[:-1])
+    raw_events = [json.loads(chunk.removeprefix("data:")) for chunk in chunks[:-1]]
+    assert [e["token"]["id"] for e in raw_events] == [e.token.id for e in events]
+    assert raw_events[-1]["generated_text"] == final.generated_text
+
+
+def test_invocations_answers_the_seed_payload_as_sent_by_curl(server: Any, predictor: Any) -> None:
+    # curl -d sends form content type; the body is JSON all the same.
+    status, body = post(
+        server, "/invocations", SEED_PAYLOAD, {"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert status == 200
+    assert isinstance(body, list) and len(body) == 1
+    answer = body[0]
+    assert isinstance(answer["generated_text"], str)
+    details = answer["details"]
+    assert set(details) == {"finish_reason", "generated_tokens", "seed", "prefill", "tokens"}
+    assert details["finish_reason"] in ("eos_token", "length")
+    assert isinstance(details["seed"], int)  # temperature/top_p given: TGI samples, and reports the seed
+    prompt = json.loads(SEED_PAYLOAD)["inputs"]
+    prompt_ids = predictor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert [t["id"] for t in details["prefill"]] == prompt_ids  # the formatted inputs were used as is
+    assert details["generated_tokens"] == len(details["tokens"]) >= 1
+
+
+def test_question_messages_and_formatted_prompt_are_asked_alike(
+    server: Any, predictor: Any, expected: Any
+) -> None:
+    bodies = [
+        {"inputs": QUESTION},
+        {"inputs": predictor.prompt(QUESTION)},
+        {"messages": [{"role": "user", "content": QUESTION}]},
+    ]
+    for body in bodies:
+        status, answer = post(server, "/generate", body)
+        assert status == 200, answer
+        assert answer["generated_text"].strip() == expected.text
+        assert "details" not in answer  # TGI leaves details out unless asked
+    _, full = post(server, "/generate", {"inputs": QUESTION, "parameters": {"return_full_text": True}})
+    assert full["generated_text"].startswith(predictor.prompt(QUESTION))
+
+
+def test_decoding_parameters(server: Any, expected: Any) -> None:
+    stop = expected.text[2:4]
+    _, stopped = post(
+        server, "/generate", {"inputs": QUESTION, "parameters": {"stop": [stop], "details": True}}
+    )
+    assert stopped["details"]["finish_reason"] == "stop_sequence"
+    text = stopped["generated_text"].strip()  # up to the token that completed the stop sequence, as TGI
+    assert stop in text and expected.text.startswith(text) and len(text) < len(expected.text)
+    assert stop not in text[: -len(stopped["details"]["tokens"][-1]["text"])]
+    _, short = post(
+        server, "/generate", {"inputs": QUESTION, "parameters": {"max_new_tokens": 2, "details": True}}
+    )
+    assert short["details"]["finish_reason"] == "length" and short["details"]["generated_tokens"] == 2
+    sampled = {
+        "inputs": "Tell me about the sea",
+        "parameters": {"do_sample": True, "temperature": 1.5, "seed": 7, "details": True},
+    }
+    first, second = post(server, "/generate", sampled)[1], post(server, "/generate", sampled)[1]
+    assert first["details"]["seed"] == 7
+    assert first["generated_text"] == second["generated_text"]  # same seed, same sample
+
+
+def test_openai_chat_completions(server: Any, expected: Any) -> None:
+    messages = [{"role": "user", "content": QUESTION}]
+    hf = client(server)
+    reply = hf.chat_completion(messages, max_tokens=16)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    chunks = list(hf.chat_completion(messages, max_tokens=16, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b'{"inputs": "x", ', 400, "malformed JSON"),
+        (b'["x"]', 400, "JSON object"),
+        ({"inputs": 3}, 422, "inputs"),
+        ({"inputs": "x", "parameters": {"max_new_tokens": "5"}}, 422, "max_new_tokens"),
+        ({"inputs": "x", "parameters": {"do_sample": 1}}, 422, "do_sample"),
+        ({"inputs": "x", "parameters": {"temperature": 0}}, 422, "temperature"),
+        ({"inputs": "x", "parameters": {"max_tokens": 5}}, 422, "parameters.max_tokens: unknown parameter"),
+        ({"inputs": "x", "prompt": "y"}, 422, "prompt: unknown parameter"),
+        ({"inputs": "x", "parameters": {"best_of": 2}}, 422, "best_of"),
+        ({"inputs": "  "}, 422, "inputs must not be empty"),
+        ({}, 422, "either"),
+        ({"inputs": "x", "messages": [{"role": "user", "content": "y"}]}, 422, "not both"),
+        ({"messages": [{"role": "assistant", "content": "y"}]}, 422, "last message"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 422, "template"),
+        ({"inputs": "x", "parameters": {"max_new_tokens": 257}}, 422, "<= 256"),
+        ({"inputs": "x", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, 422, "stop"),
+    ],
+)
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(
+    server: Any, body: Any, status: int, says: str
+) -> None:
+    got, error = post(server, "/generate", body)
+    assert got == status, error
+    assert says in error["error"]
+    assert error["error_type"] == "validation"
+    assert get(server, "/ping")[0] == 200
+
+
+def test_too_many_tokens_oversized_bodies_routes_and_the_hf_client(server: Any, predictor: Any) -> None:
+    from huggingface_hub.errors import ValidationError
+
+    long = " ".join(["word"] * 600)  # over the tiny model's 512 positions
+    status, error = post(server, "/generate", {"inputs": long, "parameters": {"max_new_tokens": 8}})
+    assert status == 422 and "must be <= 512" in error["error"]
+    status, error = post(server, "/generate", b'{"inputs": "' + b"x" * (2 << 20) + b'"}')
+    assert status == 413 and "exceeds" in error["error"]
+    status, error = post(server, "/generate_stream", {"inputs": long})  # refused before any event
+    assert status == 422 and error["error_type"] == "validation"
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.request("POST", "/nowhere", body=b'{"inputs": "x"}')
+    response = connection.getresponse()
+    assert response.status == 404 and json.loads(response.read())["error_type"] == "not_found"
+    assert response.getheader("Connection") == "close"  # its unread body must not become the next request
+    assert get(server, "/generate")[0] == 405
+    with socket.create_connection(server.server_address[:2], timeout=30) as raw:  # no Content-Length
+        raw.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 411")
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        client(server).text_generation(QUESTION, max_new_tokens=1000)
+    assert client(server).text_generation(QUESTION, max_new_tokens=4)  # still serving
+
+
+def burst(server: Any, n: int) -> list[tuple[int, Any]]:
+    """n requests sent at once, each on its own connection."""
+    results: list[tuple[int, Any]] = [(0, None)] * n
+    gate = threading.Barrier(n)
+
+    def send(i: int) -> None:
+        gate.wait()
+        results[i] = post(server, "/generate", {"inputs": QUESTION})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
+def test_a_burst_of_32_is_answered_or_cleanly_refused(predictor: Any, expected: Any) -> None:
+    small = start(predictor, max_queue=2)
+    try:
+        results = burst(small, 32)
+        statuses = [status for status, _ in results]
+        assert set(statuses) <= {200, 429}, statuses
+        assert 200 in statuses and 429 in statuses
+        for status, body in results:
+            if status == 200:
+                assert body["generated_text"].strip() == expected.text
+            else:
+                assert body["error_type"] == "overloaded"
+        assert post(small, "/generate", {"inputs": QUESTION})[0] == 200  # and it goes on serving
+    finally:
+        stop(small)
+    roomy = start(predictor, max_queue=32)
+    try:
+        results = burst(roomy, 32)
+        assert all(s == 200 and b["generated_text"].strip() == expected.text for s, b in results)
+    finally:
+        stop(roomy)
+
+
+def test_the_model_is_taken_in_turn_in_arrival_order() -> None:
+    import time
+
+    from sftbridge.serve import FairLock, RequestError
+
+    lock = FairLock(max_waiting=2)
+    lock.acquire(timeout=1)
+    order: list[str] = []
+
+    def wait_for_turn(name: str) -> None:
+        lock.acquire(timeout=30)
+        order.append(name)
+        lock.release()
+
+    waiters = [threading.Thread(target=wait_for_turn, args=(name,)) for name in ("first", "second")]
+    for count, waiter in enumerate(waiters, 1):
+        waiter.start()
+        while len(lock._waiters) < count:  # let each queue up before the next arrives
+            time.sleep(0.001)
+    with pytest.raises(RequestError) as refused:  # a third would wait beyond the bound
+        lock.acquire(timeout=1)
+    assert refused.value.status == 429 and refused.value.error_type == "overloaded"
+    lock.release()
+    for waiter in waiters:
+        waiter.join(timeout=30)
+    assert order == ["first", "second"]
+    lock.acquire(timeout=1)
+    with pytest.raises(RequestError) as late:
+        lock.acquire(timeout=0.05)
+    assert late.value.status == 503 and not lock._waiters
+    lock.release()
+    lock.acquire(timeout=0.05)  # free again
+
+
+def test_a_stream_client_that_leaves_does_not_hurt_the_server(server: Any, expected: Any) -> None:
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    connection.request("POST", "/generate_stream", body=json.dumps({"inputs": "Tell me about the sea"}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    assert response.readline().startswith(b"data:{")
+    connection.close()
+    assert post(server, "/generate", {"inputs": QUESTION})[1]["generated_text"].strip() == expected.text
+
+
+def test_serve_command_end_to_end(trained_run: Path, expected: Any) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sftbridge.cli", "serve", str(trained_run), "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("serving ") and " on http://127.0.0.1:" in line, line
+        url = line.split(" on ", 1)[1].split()[0]
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        connection.request("POST", "/invocations", body=json.dumps({"inputs": QUESTION}))
+        answer = json.loads(connection.getresponse().read())
+        assert answer[0]["generated_text"].strip() == expected.text
+        process.send_signal(signal.SIGTERM)  # how SageMaker stops a container
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

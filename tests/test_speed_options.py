@@ -1,0 +1,148 @@
+"""Answer-only loss stays correct with each speed option: TRL's real packing, collators and samplers (CPU).
+
+For each option the first batch its dataloader yields is scored, and so is a plain padded batch of the same
+examples: the two losses must agree, and every packed segment must carry its example's labels (the prompt at
+-100) exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+from sftbridge.formatting import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """The sample Q/A rows encoded by our pipeline, as train.py hands them to TRL."""
+    from conftest import SAMPLE_TRAIN
+    from sftbridge.config import load_config
+    from sftbridge.data import encode_split, load_data
+    from sftbridge.formatting import resolve_chat_format
+    from sftbridge.modeling import load_tokenizer
+
+    config = load_config(None, [f"data.train_file={SAMPLE_TRAIN}", "data.validation_split_ratio=0"])
+    data = load_data(config.data, eval_strategy="no", with_test=False)
+    tokenizer = load_tokenizer(config.model)
+    prompt_format = data.prompt_format(resolve_chat_format("auto", tokenizer), None)
+    items, _ = encode_split(data.train[:48], prompt_format, tokenizer, 128, "drop")
+    return items
+
+
+def make_trainer(encoded: list[Any], **options: Any) -> Any:
+    """An SFTTrainer set up like train.py, with dropout off so that losses are deterministic."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from sftbridge.config import ModelSection, load_config
+    from sftbridge.modeling import load_model, load_tokenizer, lora_config
+
+    set_seed(0)
+    config = load_config(None, ["data.train_file=x.jsonl", "lora.dropout=0", "lora.r=8"])
+    group = options.pop("group_by_length", False)
+    # Our examples are already cut to data.max_length; TRL refuses padding_free without packing otherwise.
+    max_length = None if options.get("padding_free") and not options.get("packing") else 128
+    args = SFTConfig(
+        output_dir="unused",
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        max_length=max_length,
+        seed=0,
+        dataset_num_proc=None,
+        train_sampling_strategy="group_by_length" if group else "random",
+        **options,
+    )
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded])
+    return SFTTrainer(
+        model=load_model(ModelSection(attn_implementation="sdpa"), "cpu", "fp32"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=load_tokenizer(ModelSection()),
+        peft_config=lora_config(config),
+    )
+
+
+def first_batch(trainer: Any) -> dict[str, torch.Tensor]:
+    return dict(next(iter(trainer.get_train_dataloader())))
+
+
+def examples_in(batch: dict[str, torch.Tensor], encoded: list[Any]) -> list[tuple[Any, list[int]]]:
+    """(example, labels it carries in the batch) for each example in a padded or flattened batch."""
+    by_ids = {tuple(e.input_ids): e for e in encoded}
+    found = []
+    for row in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        if "position_ids" in batch:  # flattened: a segment starts where the positions restart at 0
+            starts = [i for i, p in enumerate(batch["position_ids"][row].tolist()) if p == 0] + [len(ids)]
+            spans = list(itertools.pairwise(starts))
+        else:
+            spans = [(0, int(batch["attention_mask"][row].sum()))]
+        for start, end in spans:
+            found.append((by_ids[tuple(ids[start:end])], labels[start:end]))
+    return found
+
+
+def loss(trainer: Any, batch: dict[str, torch.Tensor]) -> float:
+    trainer.model.eval()
+    with torch.no_grad():
+        return float(trainer.compute_loss(trainer.model, batch))
+
+
+@pytest.fixture(scope="module")
+def plain(encoded: list[Any]) -> Any:
+    return make_trainer(encoded)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"packing": True}, {"padding_free": True}, {"group_by_length": True}],
+    ids=["packing", "padding_free", "group_by_length"],
+)
+def test_first_step_loss_matches_the_plain_run(
+    encoded: list[Any], plain: Any, options: dict[str, Any]
+) -> None:
+    trainer = make_trainer(encoded, **dict(options))
+    batch = first_batch(trainer)
+    members = examples_in(batch, encoded)
+    assert len(members) >= 8
+    for example, labels in members:
+        # Every prompt token (and the first token of a segment, which has no previous token) stays -100.
+        assert labels == [IGNORE_INDEX, *example.labels[1:]]
+        assert sum(label != IGNORE_INDEX for label in labels) > 0
+    if "packing" in options:
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # padding-free rows
+    # The same examples, padded the plain way, through the same model and loss.
+    padded = plain.data_collator([{"input_ids": e.input_ids, "labels": e.labels} for e, _ in members])
+    assert loss(trainer, batch) == pytest.approx(loss(plain, padded), rel=1e-4)
+
+
+def test_packed_rows_keep_examples_apart(encoded: list[Any], plain: Any) -> None:
+    """Remove the segment boundaries of a packed row and the loss changes: attention really is per example."""
+    trainer = make_trainer(encoded, packing=True)
+    batch = first_batch(trainer)
+    joined = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+    joined.pop("cu_seq_lens_q", None), joined.pop("cu_seq_lens_k", None)
+    assert abs(loss(trainer, joined) - loss(trainer, batch)) > 1e-3
+
+
+def test_group_by_length_batches_similar_lengths(encoded: list[Any], plain: Any) -> None:
+    grouped = examples_in(first_batch(make_trainer(encoded, group_by_length=True)), encoded)
+    lengths = sorted(len(e.input_ids) for e, _ in grouped)
+    everything = sorted(len(e.input_ids) for e in encoded)
+    assert lengths[-1] - lengths[0] <= everything[-1] - everything[0]
+    assert lengths[-1] == everything[-1]  # transformers puts the longest batch first (an early OOM)
+
+
+def test_train_accepts_padding_free(tiny_config: Any, tmp_path: Any) -> None:
+    from sftbridge.train import train
+
+    run = train(tiny_config(train__padding_free=True, train__max_steps=1), tmp_path / "run")
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
