@@ -412,8 +412,6 @@ def prompter(folder: str | Path) -> Any:
     """The one inference wrapper, for formatting only (no weights): a run, a merged folder, or a record."""
     from transformers import AutoTokenizer
 
-    from sftbridge.config import GenerationSection
-    from sftbridge.formatting import PromptFormat
     from sftbridge.inference import Predictor
     from sftbridge.merge import read_merged_manifest
     from sftbridge.runs import ADAPTER, load_manifest
@@ -424,12 +422,7 @@ def prompter(folder: str | Path) -> Any:
     if manifest is None:
         manifest, tokenizer_dir = load_manifest(folder), folder / ADAPTER
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return Predictor(
-        None,
-        tokenizer,
-        PromptFormat.from_dict(manifest["prompt_format"]),
-        GenerationSection(**manifest["generation"]),
-    )
+    return Predictor.from_manifest(None, tokenizer, manifest)
 
 
 def _fetch_record(session: Any, region: str, endpoint: str) -> Path:

@@ -85,7 +85,17 @@ class Predictor:
         tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
         model = PeftModel.from_pretrained(base, run_dir / ADAPTER)
         model.eval()
-        return cls(model, tokenizer, PromptFormat.from_dict(manifest["prompt_format"]), config.generation)
+        return cls.from_manifest(model, tokenizer, manifest)
+
+    @classmethod
+    def from_manifest(cls, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Predictor:
+        """Wrap a loaded model with the prompt format and generation defaults a manifest records."""
+        return cls(
+            model,
+            tokenizer,
+            PromptFormat.from_dict(manifest["prompt_format"]),
+            GenerationSection(**manifest["generation"]),
+        )
 
     def prompt(self, question: str | Sequence[Message]) -> str:
         """A question (or a chat history ending with the user) → the exact text the model continues."""

@@ -129,8 +129,7 @@ def load_merged(path: str | Path, *, device: str = "auto") -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftbridge.config import GenerationSection, TrainSection
-    from sftbridge.formatting import PromptFormat
+    from sftbridge.config import TrainSection
     from sftbridge.inference import Predictor
     from sftbridge.modeling import resolve_device
 
@@ -143,9 +142,4 @@ def load_merged(path: str | Path, *, device: str = "auto") -> Any:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": target})
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return Predictor(
-        model,
-        tokenizer,
-        PromptFormat.from_dict(manifest["prompt_format"]),
-        GenerationSection(**manifest["generation"]),
-    )
+    return Predictor.from_manifest(model, tokenizer, manifest)
