@@ -313,7 +313,8 @@ def cli_startup(repeats: int) -> dict[str, float]:
     """Best-of wall time of ``sftbridge --help`` and of a bare interpreter, alternating."""
     commands = {
         "python -c 'import sys'": [sys.executable, "-c", "import sys"],
-        "sftbridge --help": [sys.executable, "-m", "sftbridge.cli", "--help"],
+        # the console script, as users run it (`python -m` would add runpy's imports)
+        "sftbridge --help": [str(Path(sys.executable).with_name("sftbridge")), "--help"],
     }
     best = dict.fromkeys(commands, float("inf"))
     for _ in range(repeats):
@@ -402,7 +403,7 @@ def main() -> None:
                 best[name] = result if kept is None or "error" in kept else kept
             elif result["tokens_per_second"] > kept["tokens_per_second"]:
                 best[name] = result
-    startup = cli_startup(max(3, args.repeats * 3))
+    startup = cli_startup(max(10, args.repeats * 5))
     write_results(args, model, train_file, base, best, startup)
 
 

@@ -24,10 +24,54 @@ def sftbridge(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Co
 
 
 def test_help_lists_the_commands() -> None:
+    from sftbridge.cli import COMMANDS
+
     result = sftbridge("--help")
     assert result.returncode == 0
-    for command in ("train", "preview", "generate", "eval"):
+    for command in COMMANDS:
         assert command in result.stdout
+
+
+HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "pydantic", "yaml", "boto3", "sagemaker")
+
+
+@pytest.mark.parametrize(
+    ("argv", "modules"),
+    [
+        (["--help"], {"sftbridge", "sftbridge.cli"}),  # no command's module at all
+        (
+            ["plan", "--help"],
+            {"sftbridge", "sftbridge.cli", "sftbridge.plan_cli", "sftbridge.plan", "sftbridge.errors"},
+        ),
+    ],
+)
+def test_help_loads_only_what_it_shows(argv: list[str], modules: set[str]) -> None:
+    """`sftbridge --help` stays fast by importing nothing heavy (timed in benchmarks/harness.py)."""
+    probe = (
+        "import sys\nfrom sftbridge.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "import json\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('sftbridge', *HEAVY)]\n"
+        "print(json.dumps(loaded), file=sys.stderr)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", f"HEAVY = {HEAVY!r}\n{probe}"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert set(json.loads(result.stderr.strip().splitlines()[-1])) == modules
+
+
+def test_every_command_has_its_arguments() -> None:
+    """The command table and the modules that define the arguments agree (each module, each command)."""
+    from sftbridge.cli import COMMANDS, build_parser
+
+    for command in COMMANDS:
+        parser = build_parser(only=command)
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command])  # every command takes at least one argument
+        assert exit_info.value.code == 2
+        full = build_parser()
+        subparsers = next(a for a in full._actions if a.dest == "command")
+        assert subparsers.choices[command].get_default("func") is not None, command  # type: ignore[union-attr]
 
 
 def test_train_generate_eval_end_to_end(tmp_path: Path) -> None:

@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftbridge import endpoint_defaults as defaults
 from sftbridge.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INSTANCE_TYPE = "ml.g5.2xlarge"  # one A10G (24 GB): Llama-2-7B in 16-bit with room for the KV cache
-DEFAULT_PREFIX = "sftbridge/endpoints"
 RECORD_TAG = "sftbridge:record"  # s3://.../NAME/record/ : manifest + tokenizer, read by `invoke`
 VARIANT = "AllTraffic"
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
@@ -129,7 +128,7 @@ def gpu_info(instance_type: str, region: str) -> tuple[int, int]:
         examples = ", ".join(sorted(known)[:6])
         raise DeployError(
             f"--instance-type {instance_type}: not a GPU instance type known in {region} "
-            f"(the TGI image needs a GPU); e.g. {DEFAULT_INSTANCE_TYPE}, {examples}"
+            f"(the TGI image needs a GPU); e.g. {defaults.INSTANCE_TYPE}, {examples}"
         )
     return known[instance_type]
 
@@ -215,11 +214,11 @@ def _check_name_free(sm: Any, name: str) -> None:
 def preflight(
     *,
     name: str,
-    instance_type: str = DEFAULT_INSTANCE_TYPE,
+    instance_type: str = defaults.INSTANCE_TYPE,
     role: str | None = None,
     bucket: str | None = None,
     region: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str = defaults.S3_PREFIX,
     tgi_version: str | None = None,
     run_backend: dict[str, Any] | None = None,
 ) -> Target:
@@ -268,12 +267,12 @@ def deploy(
     source: str | Path,
     *,
     name: str | None = None,
-    instance_type: str = DEFAULT_INSTANCE_TYPE,
+    instance_type: str = defaults.INSTANCE_TYPE,
     instance_count: int = 1,
     role: str | None = None,
     bucket: str | None = None,
     region: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str = defaults.S3_PREFIX,
     tgi_version: str | None = None,
     dtype: str | None = None,
     wait: bool = True,

@@ -10,22 +10,18 @@ from typing import Any
 from sftbridge.errors import ConfigError
 
 
-def register(commands: Any) -> None:
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
-        parser.add_argument("job", help="the job's name, as `sftbridge train` printed it")
-        parser.add_argument("--backend", default="sagemaker", help="backend that runs the job (sagemaker)")
-        parser.add_argument("--region", help="AWS region of the job (default: the AWS profile's)")
-        return parser
-
-    status = add("status", "state, elapsed and billable time, failure reason of a job")
-    status.set_defaults(func=cmd_status)
-    logs = add("logs", "a job's log (CloudWatch for SageMaker)")
-    logs.add_argument("--follow", "-f", action="store_true", help="print new lines until the job ends")
-    logs.set_defaults(func=cmd_logs)
-    fetch = add("fetch", "download a finished job's output into a local run directory")
-    fetch.add_argument("--run-dir", type=Path, help="where the run goes (default: runs/<job>)")
-    fetch.set_defaults(func=cmd_fetch)
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="the job's name, as `sftbridge train` printed it")
+    parser.add_argument("--backend", default="sagemaker", help="backend that runs the job (sagemaker)")
+    parser.add_argument("--region", help="AWS region of the job (default: the AWS profile's)")
+    if command == "status":
+        parser.set_defaults(func=cmd_status)
+    elif command == "logs":
+        parser.add_argument("--follow", "-f", action="store_true", help="print new lines until the job ends")
+        parser.set_defaults(func=cmd_logs)
+    elif command == "fetch":
+        parser.add_argument("--run-dir", type=Path, help="where the run goes (default: runs/<job>)")
+        parser.set_defaults(func=cmd_fetch)
 
 
 def _job(args: argparse.Namespace) -> Any:

@@ -14,8 +14,7 @@ from typing import Any
 from sftbridge.errors import DataError
 
 
-def register(commands: Any) -> None:
-    parser = commands.add_parser("reproduce", help="train again from a run's manifest and compare")
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="a finished run directory")
     parser.add_argument(
         "--run-dir", type=Path, help="where the new run goes (default: runs/<run_name>-<time>)"

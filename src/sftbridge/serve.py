@@ -33,6 +33,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,10 +41,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sftbridge import endpoint_defaults as defaults
 from sftbridge.inference import DetailedGeneration, Predictor, Token
-from sftbridge.serve_settings import ServeSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    host: str = defaults.HOST
+    port: int = defaults.PORT
+    max_new_tokens_cap: int = defaults.MAX_NEW_TOKENS_CAP
+    max_queue: int = defaults.MAX_QUEUE
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
+    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+
 
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -6,11 +6,9 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
+from sftbridge import endpoint_defaults as defaults
 from sftbridge.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def _positive(text: str) -> int:
@@ -20,94 +18,95 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(commands: Any) -> None:
-    from sftbridge.serve_settings import DEFAULT_PORT, ServeSettings
-
-    defaults = ServeSettings()
-    serve = commands.add_parser(
-        "serve", help="local HTTP endpoint speaking SageMaker's and TGI's API (a run or a merged folder)"
-    )
-    serve.add_argument("run", type=Path, help="run directory, or a folder written by `sftbridge merge`")
-    serve.add_argument(
-        "--host", default=defaults.host, help="address to bind (default 127.0.0.1; the server has no auth)"
-    )
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 8080; 0 = any free)")
-    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve.add_argument(
-        "--max-new-tokens-cap",
-        type=_positive,
-        default=defaults.max_new_tokens_cap,
-        help=f"largest max_new_tokens a request may ask for (default {defaults.max_new_tokens_cap})",
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=_positive,
-        default=defaults.max_queue,
-        help=f"requests that may wait for the model; more get 429 (default {defaults.max_queue})",
-    )
-    serve.add_argument("--max-body-bytes", type=_positive, default=defaults.max_body_bytes)
-    serve.set_defaults(func=cmd_serve)
-
-    merge = commands.add_parser("merge", help="fold the adapter into the base: plain safetensors + tokenizer")
-    merge.add_argument("run", type=Path, help="run directory")
-    merge.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    merge.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
-    )
-    merge.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    merge.set_defaults(func=cmd_merge)
-
-    from sftbridge.deploy import DEFAULT_INSTANCE_TYPE, DEFAULT_PREFIX
-
-    deploy = commands.add_parser("deploy", help="a SageMaker real-time endpoint (Hugging Face LLM/TGI image)")
-    deploy.add_argument("run", type=Path, help="run directory (merged on the way) or a merged folder")
-    deploy.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
-    deploy.add_argument(
-        "--instance-type", default=DEFAULT_INSTANCE_TYPE, help=f"default {DEFAULT_INSTANCE_TYPE}"
-    )
-    deploy.add_argument("--instance-count", type=_positive, default=1)
-    deploy.add_argument("--role", help="SageMaker execution role ARN (default: the run's backend.role)")
-    deploy.add_argument(
-        "--bucket", help="S3 bucket (default: the run's backend.bucket, else sagemaker-REGION-ACCOUNT)"
-    )
-    deploy.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"S3 key prefix (default {DEFAULT_PREFIX})")
-    deploy.add_argument(
-        "--region", help="AWS region (default: the run's backend.region, else AWS_DEFAULT_REGION)"
-    )
-    deploy.add_argument(
-        "--name", help="endpoint, endpoint config and model name (default sftbridge-RUN-TIME)"
-    )
-    deploy.add_argument(
-        "--tgi-version", help="Hugging Face LLM image version (default: newest the SDK lists)"
-    )
-    deploy.add_argument(
-        "--dtype", choices=["bfloat16", "float16"], help="merged weights (default: bf16; fp16 on pre-Ampere)"
-    )
-    deploy.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
-    deploy.set_defaults(func=cmd_deploy)
-
-    invoke = commands.add_parser("invoke", help="ask a deployed endpoint a question (the run's template)")
-    invoke.add_argument("endpoint")
-    invoke.add_argument("question")
-    invoke.add_argument("--region")
-    invoke.add_argument(
-        "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
-    )
-    invoke.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
-    invoke.add_argument("--max-new-tokens", type=_positive)
-    invoke.add_argument("--temperature", type=float, help="sample at this temperature (default: the run's)")
-    invoke.add_argument("--top-p", type=float)
-    invoke.add_argument("--json", action="store_true", help="print the request and the whole response")
-    invoke.set_defaults(func=cmd_invoke)
-
-    undeploy = commands.add_parser("undeploy", help="delete an endpoint, its endpoint config and its model")
-    undeploy.add_argument("endpoint")
-    undeploy.add_argument("--region")
-    undeploy.set_defaults(func=cmd_undeploy)
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "serve":
+        parser.add_argument("run", type=Path, help="run directory, or a folder written by `sftbridge merge`")
+        parser.add_argument(
+            "--host",
+            default=defaults.HOST,
+            help="address to bind (default 127.0.0.1; the server has no auth)",
+        )
+        parser.add_argument(
+            "--port", type=int, default=defaults.PORT, help="port (default 8080; 0 = any free)"
+        )
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        parser.add_argument(
+            "--max-new-tokens-cap",
+            type=_positive,
+            default=defaults.MAX_NEW_TOKENS_CAP,
+            help=f"largest max_new_tokens a request may ask for (default {defaults.MAX_NEW_TOKENS_CAP})",
+        )
+        parser.add_argument(
+            "--max-queue",
+            type=_positive,
+            default=defaults.MAX_QUEUE,
+            help=f"requests that may wait for the model; more get 429 (default {defaults.MAX_QUEUE})",
+        )
+        parser.add_argument("--max-body-bytes", type=_positive, default=defaults.MAX_BODY_BYTES)
+        parser.set_defaults(func=cmd_serve)
+    elif command == "merge":
+        parser.add_argument("run", type=Path, help="run directory")
+        parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
+        )
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+        parser.set_defaults(func=cmd_merge)
+    elif command == "deploy":
+        parser.add_argument("run", type=Path, help="run directory (merged on the way) or a merged folder")
+        parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
+        parser.add_argument(
+            "--instance-type", default=defaults.INSTANCE_TYPE, help=f"default {defaults.INSTANCE_TYPE}"
+        )
+        parser.add_argument("--instance-count", type=_positive, default=1)
+        parser.add_argument("--role", help="SageMaker execution role ARN (default: the run's backend.role)")
+        parser.add_argument(
+            "--bucket", help="S3 bucket (default: the run's backend.bucket, else sagemaker-REGION-ACCOUNT)"
+        )
+        parser.add_argument(
+            "--prefix", default=defaults.S3_PREFIX, help=f"S3 key prefix (default {defaults.S3_PREFIX})"
+        )
+        parser.add_argument(
+            "--region", help="AWS region (default: the run's backend.region, else AWS_DEFAULT_REGION)"
+        )
+        parser.add_argument(
+            "--name", help="endpoint, endpoint config and model name (default sftbridge-RUN-TIME)"
+        )
+        parser.add_argument(
+            "--tgi-version", help="Hugging Face LLM image version (default: newest the SDK lists)"
+        )
+        parser.add_argument(
+            "--dtype",
+            choices=["bfloat16", "float16"],
+            help="merged weights (default: bf16; fp16 on pre-Ampere)",
+        )
+        parser.add_argument(
+            "--no-wait", action="store_true", help="return once the endpoint is being created"
+        )
+        parser.set_defaults(func=cmd_deploy)
+    elif command == "invoke":
+        parser.add_argument("endpoint")
+        parser.add_argument("question")
+        parser.add_argument("--region")
+        parser.add_argument(
+            "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
+        )
+        parser.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
+        parser.add_argument("--max-new-tokens", type=_positive)
+        parser.add_argument(
+            "--temperature", type=float, help="sample at this temperature (default: the run's)"
+        )
+        parser.add_argument("--top-p", type=float)
+        parser.add_argument("--json", action="store_true", help="print the request and the whole response")
+        parser.set_defaults(func=cmd_invoke)
+    elif command == "undeploy":
+        parser.add_argument("endpoint")
+        parser.add_argument("--region")
+        parser.set_defaults(func=cmd_undeploy)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -130,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"--host {args.host} --port {args.port}: cannot listen ({exc}); try --port 0"
         ) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
+        logging.getLogger(__name__).warning(
             "listening on %s: reachable from other machines, and the server has no authentication", args.host
         )
     # SageMaker and process managers stop a container with SIGTERM: shut down as on Ctrl-C.
