@@ -21,7 +21,8 @@ Memory model (bytes; ``s`` = bytes of an activation: 2 under bf16/fp16 on a GPU,
   gradients in flight.
 - the LM head: TRL's fused head scores tokens in tiles of 4096 x vocab without materializing the logits.
 - runtime: the CUDA context (not in ``torch.cuda.max_memory_reserved``), or on the CPU the resident size of
-  Python with torch, transformers, TRL, PEFT and datasets imported.
+  Python with torch, transformers, TRL, PEFT and datasets, the trainer and the data, before the first step.
+  On the CPU, the step's peak is ``CPU_STEP_OVERHEAD`` x the activations (measured; see the constant).
 
 Throughput model: FLOPs per processed token = 4N + attention. Forward 2N (a multiply-add per parameter
 that takes part in a matmul: everything but the input embedding); backward 2N for the input gradients of
@@ -189,9 +190,13 @@ INSTANCES: dict[str, tuple[str, int, float | None]] = {  # type -> (GPU, GPUs pe
 }
 
 CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context + cuBLAS workspace; outside the caching allocator's count
-CPU_RUNTIME_BYTES = (
-    0.55 * GB
-)  # RSS of Python + torch/transformers/TRL/PEFT/datasets, measured on torch 2.13 CPU
+# The CPU's two constants are measured by benchmarks/cpu_memory.py (tiny model, torch 2.13, 4000 examples).
+# RSS just before the first step: Python, torch/transformers/TRL/PEFT/datasets, the trainer, the data.
+CPU_RUNTIME_BYTES = 0.68 * GB
+# Peak RSS growth while training over the saved-activation estimate (1.68 to 1.98 at batch 2 to 16, two
+# runs): the backward's transient gradients, the fp32 copy of the attention mask that CPU sdpa keeps per
+# layer, and freed blocks glibc keeps mapped.
+CPU_STEP_OVERHEAD = 1.8
 ALLOCATOR_OVERHEAD = 1.10  # reserved / allocated of PyTorch's caching allocator under changing batch shapes
 QLORA_SPEED = 0.7  # 4-bit: each matmul dequantizes its nf4 weights first (forward and backward)
 SAGEMAKER_OVERHEAD_HOURS = 10 / 60  # billed but not training: image pull, model download and load
@@ -488,8 +493,11 @@ def memory(
     scored = tokens * (mean_trained_share if on_gpu else 1.0)
     tile = min(scored, FUSED_HEAD_TOKENS) * min(shapes.vocab_size, FUSED_HEAD_VOCAB) * s
     lm_head = 2 * tile + scored * s * h
-    allocated = weights + lora_state + activations + lm_head
-    reserved = allocated * ALLOCATOR_OVERHEAD if on_gpu else allocated
+    if on_gpu:
+        allocated = weights + lora_state + activations + lm_head
+        reserved = allocated * ALLOCATOR_OVERHEAD
+    else:
+        allocated = reserved = weights + lora_state + (activations + lm_head) * CPU_STEP_OVERHEAD
     runtime = CUDA_CONTEXT_BYTES if on_gpu else CPU_RUNTIME_BYTES
     return Memory(
         weights=weights,
