@@ -358,7 +358,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per variant")
-    parser.add_argument("--examples", type=int, default=400)
+    # Enough that transformers' length grouping works on full megabatches (50 batches), as on a real dataset:
+    # with 400, its megabatches hold 11 batches and the grouped non-pad share drops from ~0.96 to ~0.85.
+    parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--median-tokens", type=int, default=0, help="0 = max_length / 6")
     parser.add_argument(
         "--repeats", type=int, default=2, help="alternating runs per variant; the best counts"

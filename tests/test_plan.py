@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import subprocess
 import sys
 from typing import Any
@@ -137,6 +139,34 @@ def test_batching_padding_packing_grouping() -> None:
     assert packed.peak_micro_batch == (4, 512)  # the default batch of 4 full rows
     rows = -(-sum(SKEWED.tokens) // 512)  # ceil: best-fit decreasing fills rows of short examples
     assert packed.micro_batches_per_epoch == -(-rows // 4)
+
+
+@pytest.mark.parametrize("examples", [380, 4000])
+def test_grouped_share_matches_transformers_sampler(examples: int) -> None:
+    """The plan's group_by_length batches keep as many non-pad tokens as transformers' own sampler."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    rng = random.Random(0)
+    lengths = [min(512, max(8, int(rng.lognormvariate(math.log(85), 0.9)))) for _ in range(examples)]
+    config = load_config(
+        None,
+        [
+            "data.train_file=x.jsonl",
+            "data.max_length=512",
+            "train.per_device_batch_size=8",
+            "train.group_by_length=true",
+        ],
+    )
+
+    def sampler_share(seed: int) -> float:
+        order = get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(seed))
+        batches = [[lengths[i] for i in order[k : k + 8]] for k in range(0, len(order), 8)]
+        return sum(map(sum, batches)) / sum(len(b) * max(b) for b in batches)
+
+    seeds = range(5)  # one shuffle swings a small dataset's share by a few points; compare the means
+    planned = sum(batching(config, lengths, world=1, seed=seed).non_pad_share for seed in seeds) / 5
+    assert planned == pytest.approx(sum(map(sampler_share, seeds)) / 5, abs=0.015)
 
 
 def test_tiny_config_on_the_cpu(in_root: None) -> None:
