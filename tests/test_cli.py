@@ -107,6 +107,17 @@ def test_train_generate_eval_end_to_end(tmp_path: Path) -> None:
     assert FAKE_TOKEN not in result.stdout + result.stderr
 
 
+def test_overrides_may_follow_options() -> None:
+    """`preview CONFIG --json --n 1 data.max_length=40 ...`: overrides after options still apply."""
+    result = sftbridge(
+        "preview", CONFIG, "--json", "--n", "1", "data.max_length=40", "data.over_length=truncate"
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout.splitlines()[0])["input_ids"]) == 40
+    unknown = sftbridge("preview", CONFIG, "--n", "1", "--bogus")
+    assert unknown.returncode == 2 and "unrecognized arguments: --bogus" in unknown.stderr
+
+
 def test_preview_json_matches_the_training_path(tokenizer: Any) -> None:
     result = sftbridge("preview", CONFIG, "--n", "2", "--json")
     assert result.returncode == 0, result.stderr

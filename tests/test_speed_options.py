@@ -146,3 +146,30 @@ def test_train_accepts_padding_free(tiny_config: Any, tmp_path: Any) -> None:
 
     run = train(tiny_config(train__padding_free=True, train__max_steps=1), tmp_path / "run")
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def losses_of_a_run(config: Any, run_dir: Any) -> list[float]:
+    import json
+
+    from sftbridge.train import train
+
+    run = train(config, run_dir)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row and "step" in row]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"train__gradient_checkpointing": True}, {"model__attn_implementation": "eager"}],
+    ids=["gradient_checkpointing", "eager_attention"],
+)
+def test_option_keeps_the_training_losses(tiny_config: Any, tmp_path: Any, option: dict[str, Any]) -> None:
+    """Three real optimizer steps with the option on and off: same losses, step by step (dropout off).
+
+    Recomputing the forward (checkpointing) or another attention kernel must not change what is learned.
+    """
+    common = {"train__max_steps": 3, "lora__dropout": 0.0, "model__attn_implementation": "sdpa"}
+    plain = losses_of_a_run(tiny_config(**common), tmp_path / "plain")
+    changed = losses_of_a_run(tiny_config(**{**common, **option}), tmp_path / "changed")
+    assert len(plain) == 3
+    assert changed == pytest.approx(plain, rel=1e-4)

@@ -35,7 +35,14 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(only=_command_in(argv)).parse_args(argv)
+    parser = build_parser(only=_command_in(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        # `train CONFIG --dry-run lora.r=8`: argparse ends a nargs="*" positional at the first option, so
+        # KEY=VALUE overrides after an option come back unparsed; they are overrides all the same.
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     import logging
 
     from sftbridge.errors import UserError

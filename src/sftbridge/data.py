@@ -83,7 +83,12 @@ def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Record]:
     not raised.
     """
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        if path.is_absolute():
+            raise DataError(f"{path}: file not found")
+        raise DataError(
+            f"{path}: file not found in the current folder ({Path.cwd()}); run from the folder the config's "
+            "data paths start from (the repository root for configs/*.yaml), or make them absolute"
+        )
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is harmless: drop it
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs one JSON object per line")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftbridge import aws
 from sftbridge import endpoint_defaults as defaults
 from sftbridge.errors import UserError
 
@@ -88,31 +89,8 @@ def aws_session(region: str | None = None, run_backend: dict[str, Any] | None = 
     session = boto3.Session(region_name=region) if region else boto3.Session()
     if not session.region_name:
         raise DeployError("no AWS region: pass --region or set AWS_DEFAULT_REGION (e.g. us-east-1)")
-    if session.get_credentials() is None:
-        raise DeployError(
-            "no AWS credentials: run `aws configure`, or set AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY"
-        )
+    aws.require_credentials(session, DeployError)
     return session, session.region_name
-
-
-def _account(session: Any) -> str:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return str(session.client("sts").get_caller_identity()["Account"])
-    except (BotoCoreError, ClientError) as exc:
-        raise DeployError(
-            f"AWS credentials rejected ({_reason(exc)}): refresh them, e.g. `aws sso login`"
-        ) from None
-
-
-def _reason(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if response:
-        error = response.get("Error", {})
-        return f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
-    return str(exc)
 
 
 def gpu_info(instance_type: str, region: str) -> tuple[int, int]:
@@ -155,37 +133,6 @@ def tgi_image(region: str, instance_type: str, version: str | None = None) -> st
     except (ValueError, KeyError) as exc:
         raise DeployError(
             f"no Hugging Face LLM image for {region}, {instance_type}, version {version}: {exc}"
-        ) from None
-
-
-def _check_bucket(session: Any, region: str, bucket: str, prefix: str, *, create: bool) -> None:
-    """The bucket exists (the default one is created, as the SDK does) and these credentials can write."""
-    from botocore.exceptions import ClientError
-
-    s3 = session.client("s3", region_name=region)
-    try:
-        s3.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchBucket") and create:
-            extra = (
-                {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
-            )
-            s3.create_bucket(Bucket=bucket, **extra)
-        elif code in ("404", "NoSuchBucket"):
-            raise DeployError(f"--bucket {bucket}: no such bucket; create it or leave --bucket out") from None
-        else:
-            raise DeployError(
-                f"--bucket {bucket}: not accessible ({_reason(exc)}); pass a bucket you own"
-            ) from None
-    probe = f"{prefix}/.sftbridge-write-check"
-    try:
-        s3.put_object(Bucket=bucket, Key=probe, Body=b"")
-        s3.delete_object(Bucket=bucket, Key=probe)
-    except ClientError as exc:
-        raise DeployError(
-            f"--bucket {bucket}: not writable by these credentials ({_reason(exc)}); "
-            "pass --bucket with one you can write to"
         ) from None
 
 
@@ -235,17 +182,25 @@ def preflight(
         raise DeployError(f"--role {role}: give the role's full ARN, arn:aws:iam::<account>:role/<name>")
     gpus, memory = gpu_info(instance_type, region)
     image = tgi_image(region, instance_type, tgi_version)
-    account = _account(session)
+    account = aws.account_id(session, DeployError)
     _check_name_free(session.client("sagemaker", region_name=region), name)
-    bucket = bucket or backend.get("bucket")
-    default_bucket = f"sagemaker-{region}-{account}"  # the SageMaker SDK's default bucket
-    _check_bucket(session, region, bucket or default_bucket, prefix.strip("/"), create=not bucket)
+    chosen = bucket or backend.get("bucket")
+    bucket = chosen or aws.default_bucket(region, account)
+    aws.ensure_writable_bucket(
+        session,
+        bucket,
+        region=region,
+        prefix=prefix,
+        setting="--bucket",
+        create=not chosen,
+        error=DeployError,
+    )
     return Target(
         session,
         region,
         account,
         role,
-        bucket or default_bucket,
+        bucket,
         prefix.strip("/"),
         name,
         instance_type,
@@ -434,7 +389,7 @@ def _fetch_record(session: Any, region: str, endpoint: str) -> Path:
     try:
         arn = sm.describe_endpoint(EndpointName=endpoint)["EndpointArn"]
     except ClientError as exc:
-        raise DeployError(f"endpoint {endpoint} in {region}: {_reason(exc)}") from None
+        raise DeployError(f"endpoint {endpoint} in {region}: {aws.reason(exc)}") from None
     tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=arn).get("Tags", [])}
     if RECORD_TAG not in tags:
         raise DeployError(
@@ -486,7 +441,7 @@ def invoke(
             Accept="application/json",
         )
     except ClientError as exc:
-        raise DeployError(f"invoke {endpoint}: {_reason(exc)}") from None
+        raise DeployError(f"invoke {endpoint}: {aws.reason(exc)}") from None
     raw_answer = response["Body"].read()
     try:
         answer = json.loads(raw_answer)
@@ -506,7 +461,7 @@ def undeploy(endpoint: str, *, region: str | None = None) -> list[str]:
     try:
         config_name = sm.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
     except ClientError as exc:
-        raise DeployError(f"endpoint {endpoint} in {region}: {_reason(exc)}") from None
+        raise DeployError(f"endpoint {endpoint} in {region}: {aws.reason(exc)}") from None
     try:
         variants = sm.describe_endpoint_config(EndpointConfigName=config_name)["ProductionVariants"]
     except ClientError:
@@ -518,11 +473,11 @@ def undeploy(endpoint: str, *, region: str | None = None) -> list[str]:
         sm.delete_endpoint_config(EndpointConfigName=config_name)
         deleted.append(f"endpoint config {config_name}")
     except ClientError as exc:
-        log.warning("endpoint config %s: %s", config_name, _reason(exc))
+        log.warning("endpoint config %s: %s", config_name, aws.reason(exc))
     for model in sorted({v["ModelName"] for v in variants}):
         try:
             sm.delete_model(ModelName=model)
             deleted.append(f"model {model}")
         except ClientError as exc:
-            log.warning("model %s: %s", model, _reason(exc))
+            log.warning("model %s: %s", model, aws.reason(exc))
     return deleted

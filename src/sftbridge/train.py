@@ -225,7 +225,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             weight_decay=config.train.weight_decay,
             max_grad_norm=config.train.max_grad_norm,
             optim=config.train.optim,
-            gradient_checkpointing=config.train.gradient_checkpointing,
+            activation_checkpointing=config.train.gradient_checkpointing,  # transformers 5's name
             logging_steps=config.train.logging_steps,
             logging_first_step=True,
             eval_strategy=config.train.eval_strategy if do_eval else "no",

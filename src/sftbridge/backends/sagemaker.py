@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sftbridge import aws
 from sftbridge.backends.sagemaker_job import SageMakerJob, record_uri, split_s3
 from sftbridge.backends.sagemaker_plan import CODE_CHANNEL, JobPlan, check_backend, make_plan
 from sftbridge.backends.sagemaker_request import render, request
@@ -87,7 +88,7 @@ class SageMakerBackend:
     def job(self, job_id: str, *, region: str | None = None) -> SageMakerJob:
         """An existing job by name (for ``sftbridge status/logs/fetch``)."""
         boto = self.session(region)
-        _check_credentials(boto)
+        aws.require_credentials(boto)
         if not boto.region_name:
             raise ConfigError("no AWS region: pass --region, or set AWS_DEFAULT_REGION")
         return SageMakerJob(job_id, boto)
@@ -110,13 +111,21 @@ class SageMakerBackend:
         self, config: RunConfig, *, config_path: str | None, overrides: list[str], run_dir: Path | None
     ) -> SageMakerJob:
         boto = self.session(config.backend.region)
-        _check_credentials(boto)  # the pre-flight checks come before anything is uploaded
+        aws.require_credentials(boto)  # the pre-flight checks come before anything is uploaded
         with quiet_sdk():
             plan = self.plan(config, config_path, boto)
         for note in plan.notes:
             log.warning("%s", note)
-        account = _identity(boto)
-        bucket = _writable_bucket(boto, config.backend.bucket or f"sagemaker-{plan.region}-{account}", plan)
+        bucket = config.backend.bucket or aws.default_bucket(plan.region, aws.account_id(boto))
+        aws.ensure_writable_bucket(
+            boto,
+            bucket,
+            region=plan.region,
+            prefix=config.backend.s3_prefix,
+            setting="backend.bucket",
+            create=not config.backend.bucket,
+            error=ConfigError,
+        )
         version = sdk_version()
         with tempfile.TemporaryDirectory(prefix="sftbridge-sagemaker-") as tmp:
             code = stage_source(Path(tmp) / CODE_CHANNEL, plan.config_file)
@@ -134,24 +143,6 @@ class SageMakerBackend:
         _write_record(job, plan, version, config_path)
         log.info("submitted %s: %s", job_name, job.console_url)
         return job
-
-
-def _check_credentials(boto: Any) -> None:
-    if boto.get_credentials() is None:
-        raise UserError(
-            "no AWS credentials: run `aws configure` (or `aws sso login`), or set AWS_PROFILE or "
-            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        )
-
-
-def _identity(boto: Any) -> str:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        account: str = boto.client("sts").get_caller_identity()["Account"]
-    except (BotoCoreError, ClientError) as exc:
-        raise UserError(f"AWS rejected these credentials ({exc}); refresh them (aws sso login)") from None
-    return account
 
 
 def _instance_types() -> set[str] | None:
@@ -191,46 +182,6 @@ def _image(config: RunConfig, region: str) -> str:
             f"{backend.py_version} in {region} ({exc}); pick listed versions or set backend.image_uri"
         ) from None
     return image
-
-
-def _writable_bucket(boto: Any, bucket: str, plan: JobPlan) -> str:
-    """Check that the job's bucket exists and takes writes (a probe object, deleted again)."""
-    from botocore.exceptions import ClientError
-
-    s3 = boto.client("s3")
-    try:
-        s3.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchBucket") and not plan.backend.bucket:
-            _create_default_bucket(s3, bucket, plan.region)  # as the SDK does with its default bucket
-        elif code in ("404", "NoSuchBucket"):
-            raise ConfigError(
-                f"backend.bucket: s3://{bucket} does not exist; create it (aws s3 mb s3://{bucket}) or set "
-                "backend.bucket to a bucket you can write"
-            ) from None
-        else:
-            raise ConfigError(
-                f"backend.bucket: s3://{bucket} is not accessible with these credentials ({code}); use a "
-                "bucket you can write"
-            ) from None
-    probe = f"{plan.backend.s3_prefix.strip('/')}/.sftbridge-write-check".lstrip("/")
-    try:
-        s3.put_object(Bucket=bucket, Key=probe, Body=b"")
-        s3.delete_object(Bucket=bucket, Key=probe)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        raise ConfigError(
-            f"backend.bucket: cannot write to s3://{bucket}/{probe} ({code}); use a bucket these "
-            "credentials and backend.role can write"
-        ) from None
-    return bucket
-
-
-def _create_default_bucket(s3: Any, bucket: str, region: str) -> None:
-    location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
-    s3.create_bucket(Bucket=bucket, **location)
-    log.info("created the default bucket s3://%s", bucket)
 
 
 def _write_record(job: SageMakerJob, plan: JobPlan, version: str, config_path: str | None) -> None:

@@ -22,12 +22,13 @@ SHIPPED_EXTRAS = {"qlora"}
 
 
 def entry_script() -> Path:
-    """``scripts/train.py`` of the source checkout sftbridge runs from."""
-    script = PACKAGE_DIR.parents[1] / "scripts" / ENTRY_SCRIPT
-    if not script.is_file():
+    """``scripts/train.py``: the copy inside an installed wheel, or that of the source checkout."""
+    candidates = (PACKAGE_DIR / "_scripts" / ENTRY_SCRIPT, PACKAGE_DIR.parents[1] / "scripts" / ENTRY_SCRIPT)
+    script = next((path for path in candidates if path.is_file()), None)
+    if script is None:
         raise ConfigError(
-            f"backend sagemaker ships scripts/{ENTRY_SCRIPT} of a source checkout, and there is none at "
-            f"{script}; run sftbridge from a checkout (pip install -e .)"
+            f"backend sagemaker ships scripts/{ENTRY_SCRIPT}, and this installation has none (looked at "
+            f"{', '.join(map(str, candidates))}); reinstall sftbridge (pip install -e . in a checkout)"
         )
     return script
 
@@ -57,9 +58,8 @@ def stage_source(dest: Path, config_file: Path | None = None) -> Path:
     """Write the source directory into ``dest`` (which must not exist); returns ``dest``."""
     dest.mkdir(parents=True)
     shutil.copy2(entry_script(), dest / ENTRY_SCRIPT)
-    shutil.copytree(
-        PACKAGE_DIR, dest / "sftbridge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_sample_data")
-    )
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "_sample_data", "_scripts")
+    shutil.copytree(PACKAGE_DIR, dest / "sftbridge", ignore=skip)
     # As in the wheel: builtin:tiny-llama builds its tokenizer from the sample data.
     shutil.copytree(sample_data_dir(), dest / "sftbridge" / "_sample_data")
     (dest / "requirements.txt").write_text("\n".join(requirements()) + "\n", encoding="utf-8")
