@@ -339,6 +339,10 @@ def base_overrides(args: argparse.Namespace, model: str, train_file: Path) -> di
         "train.learning_rate": 1e-4,
         "train.logging_steps": 1,
         "train.gradient_checkpointing": args.gradient_checkpointing,
+        # every speed option off in the base: each variant turns one on (group_by_length is on by default)
+        "train.group_by_length": False,
+        "train.packing": False,
+        "train.padding_free": False,
         "lora.r": 16,
         "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     }

@@ -79,8 +79,12 @@ def test_checkpointing_lowers_the_activation_estimate(in_root: None) -> None:
     assert on.throughput.seconds_per_epoch > off.throughput.seconds_per_epoch  # type: ignore[operator]
 
 
-def test_activation_model_matches_what_autograd_saves() -> None:
-    """The per-layer formula against the tensors autograd really keeps for one decoder layer (fp32, CPU)."""
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padding-mask"])
+def test_activation_model_matches_what_autograd_saves(masked: bool) -> None:
+    """The per-layer formula against the tensors autograd really keeps for one decoder layer (fp32, CPU).
+
+    With padding in the batch, attention gets a mask, and the CPU's sdpa kernel keeps an fp32 copy of it.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -104,18 +108,25 @@ def test_activation_model_matches_what_autograd_saves() -> None:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        layer(hidden, position_embeddings=position, attention_mask=None)
+        mask = torch.ones(batch, 1, length, length, dtype=torch.bool).tril() if masked else None
+        layer(hidden, position_embeddings=position, attention_mask=mask)
     measured = sum(storages.values()) / (batch * length)
     shapes = model_shapes("builtin:tiny-llama")
     predicted = layer_activation_bytes(
-        shapes, 16, targets, 0.05, 4, quantized=False, eager=False, context=length
+        shapes, 16, targets, 0.05, 4, quantized=False, eager=False, context=length, cpu_sdpa_mask=masked
     )
     assert predicted == pytest.approx(measured, rel=0.1)
 
 
 def test_batching_padding_packing_grouping() -> None:
     config = load_config(
-        None, ["data.train_file=x.jsonl", "data.max_length=512", "train.per_device_batch_size=8"]
+        None,
+        [
+            "data.train_file=x.jsonl",
+            "data.max_length=512",
+            "train.per_device_batch_size=8",
+            "train.group_by_length=false",
+        ],
     )
     padded = batching(config, SKEWED.tokens, world=1)
     assert padded.real_tokens_per_epoch == sum(SKEWED.tokens)

@@ -33,7 +33,7 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     return items
 
 
-def make_trainer(encoded: list[Any], **options: Any) -> Any:
+def make_trainer(encoded: list[Any], trainer_class: Any = None, **options: Any) -> Any:
     """An SFTTrainer set up like train.py, with dropout off so that losses are deterministic."""
     from datasets import Dataset
     from transformers import set_seed
@@ -61,7 +61,7 @@ def make_trainer(encoded: list[Any], **options: Any) -> Any:
         **options,
     )
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded])
-    return SFTTrainer(
+    return (trainer_class or SFTTrainer)(
         model=load_model(ModelSection(attn_implementation="sdpa"), "cpu", "fp32"),
         args=args,
         train_dataset=dataset,
@@ -173,3 +173,20 @@ def test_option_keeps_the_training_losses(tiny_config: Any, tmp_path: Any, optio
     changed = losses_of_a_run(tiny_config(**{**common, **option}), tmp_path / "changed")
     assert len(plain) == 3
     assert changed == pytest.approx(plain, rel=1e-4)
+
+
+def test_length_grouped_order_is_fixed_by_seed_and_epoch(encoded: list[Any]) -> None:
+    """Same (seed, epoch), same batches, whatever the global RNG did before: what resuming relies on."""
+    from sftbridge.trainer import EpochSeededLengthGroupedSampler, SafeSFTTrainer
+
+    lengths = [len(e.input_ids) for e in encoded]
+    first = EpochSeededLengthGroupedSampler(8, lengths, seed=42)
+    order = list(first)
+    torch.manual_seed(1234)  # a different global RNG state, as after a restart
+    again = EpochSeededLengthGroupedSampler(8, lengths, seed=42)
+    assert list(again) == order
+    again.set_epoch(1)
+    assert list(again) != order and sorted(again) == sorted(order)
+
+    trainer = make_trainer(encoded, SafeSFTTrainer, group_by_length=True)
+    assert isinstance(trainer._get_train_sampler(), EpochSeededLengthGroupedSampler)

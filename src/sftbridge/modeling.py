@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Literal
 
 from sftbridge.config import ModelSection, TrainSection
 from sftbridge.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+
+# PEFT 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates with a FutureWarning
+# on every adapter load (train, generate, eval, serve, merge). Nothing in it is for our users to act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 Device = Literal["cpu", "cuda"]
 Precision = Literal["bf16", "fp16", "fp32"]

@@ -195,6 +195,17 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         device,
         precision,
     )
+    train_rows = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train_set])
+    eval_rows = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in eval_set])
+    data_record = {
+        "sha256": data.sha256,
+        "template_source": data.template_source,
+        "train": train_report.to_dict(),
+        "validation": eval_report.to_dict(),
+    }
+    # The Arrow tables are all that training needs from here: drop the Python copies (records, texts, token
+    # lists) rather than hold them in RAM beside the model for the whole run.
+    del data, train_set, eval_set
 
     from sftbridge.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
 
@@ -211,7 +222,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     try:
         model = load_model(config.model, device, precision)
         load_seconds = time.time() - started
-        do_eval = bool(eval_set) and config.train.eval_strategy != "no"
+        do_eval = len(eval_rows) > 0 and config.train.eval_strategy != "no"
         args = SFTConfig(
             output_dir=str(checkpoints),
             num_train_epochs=config.train.epochs,
@@ -254,14 +265,8 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         trainer = SafeSFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(
-                [{"input_ids": e.input_ids, "labels": e.labels} for e in train_set]
-            ),
-            eval_dataset=(
-                Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in eval_set])
-                if do_eval
-                else None
-            ),
+            train_dataset=train_rows,
+            eval_dataset=eval_rows if do_eval else None,
             processing_class=tokenizer,
             peft_config=lora_config(config),
             callbacks=[stopper],
@@ -301,12 +306,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             "prompt_format": prompt_format.to_dict(),
             "generation": config.generation.model_dump(),
             "config": config.to_dict(),
-            "data": {
-                "sha256": data.sha256,
-                "template_source": data.template_source,
-                "train": train_report.to_dict(),
-                "validation": eval_report.to_dict(),
-            },
+            "data": data_record,
             "seed": config.seed,
             "versions": library_versions(),
             "git": git_state(),

@@ -5,6 +5,7 @@
 - SIGTERM (SageMaker spot reclaim, 120 s before the kill) and Ctrl-C finish the current step, write a
   checkpoint and stop; the script then exits non-zero so the job is resumed, not mistaken for finished.
 - A NaN/inf loss or gradient norm stops training before the optimizer step and before any checkpoint.
+- Length-grouped batches come in an order fixed by (data seed, epoch), so a resumed run sees the same batches.
 
 Imported lazily by ``train.py`` (it imports TRL).
 """
@@ -19,7 +20,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from sftbridge.errors import UserError
@@ -61,8 +64,37 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping with its shuffle seeded by (seed, epoch).
+
+    transformers gives the training LengthGroupedSampler no generator, so an epoch's order came from the
+    global RNG at the moment the epoch began, and a run resumed from a checkpoint trained on other batches
+    than the uninterrupted run. Accelerate calls ``set_epoch`` before every epoch (as for its own seeded
+    sampler), on every rank, so all ranks also agree on the order.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        assert self.generator is not None
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class SafeSFTTrainer(SFTTrainer):
     """SFTTrainer whose checkpoints are atomic and whose training stops on non-finite values."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)
