@@ -316,7 +316,8 @@ def test_a_burst_of_32_is_answered_or_cleanly_refused(predictor: Any, expected: 
 def test_the_model_is_taken_in_turn_in_arrival_order() -> None:
     import time
 
-    from sftbridge.serve import FairLock, RequestError
+    from sftbridge.serve import FairLock
+    from sftbridge.serve_api import RequestError
 
     lock = FairLock(max_waiting=2)
     lock.acquire(timeout=1)
