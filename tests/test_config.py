@@ -100,3 +100,24 @@ def test_template_with_unbalanced_brace_is_rejected() -> None:
         load_config(
             None, ["data.train_file=x.jsonl", "data.template={prompt: 'Q {question', completion: '{a}'}"]
         )
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cpu", r"flash_attention_2: FlashAttention runs on CUDA GPUs only; use sdpa"),
+        ("cuda", r"flash_attention_2: the flash-attn package is not installed \(pip install flash-attn"),
+    ],
+)
+def test_flash_attention_is_refused_where_it_cannot_run(device: str, message: str) -> None:
+    """Before anything loads; transformers would fail inside from_pretrained with an ImportError."""
+    import importlib.util
+
+    from sftbridge.config import ModelSection
+    from sftbridge.modeling import check_attention
+
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match=message):
+        check_attention(ModelSection(attn_implementation="flash_attention_2"), device)
+    check_attention(ModelSection(attn_implementation="sdpa"), device)

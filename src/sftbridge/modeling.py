@@ -51,6 +51,33 @@ def load_tokenizer(cfg: ModelSection) -> Any:
         raise _load_error(cfg.name_or_path, exc) from exc
 
 
+# attn_implementation -> the module transformers imports for it
+FLASH_ATTENTION_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention(cfg: ModelSection, device: Device) -> None:
+    """Refuse a FlashAttention kernel this machine cannot run before anything loads (transformers would raise
+    an ImportError from deep inside ``from_pretrained``, after the run had started)."""
+    import importlib.util
+
+    name = cfg.attn_implementation or ""
+    module = FLASH_ATTENTION_MODULES.get(name)
+    if module is None:
+        return
+    if device != "cuda":
+        raise ConfigError(
+            f"model.attn_implementation={name}: FlashAttention runs on CUDA GPUs only; use sdpa (the "
+            "default) on this machine"
+        )
+    if importlib.util.find_spec(module) is None:
+        package = "flash-attn" if name == "flash_attention_2" else "flash-attn-3"
+        raise ConfigError(
+            f"model.attn_implementation={name}: the {package} package is not installed (pip install "
+            f"{package} --no-build-isolation, for an Ampere or newer GPU), or set "
+            "model.attn_implementation=sdpa"
+        )
+
+
 def resolve_device(train: TrainSection) -> Device:
     import torch
 

@@ -161,6 +161,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     from sftbridge.data import encode_split, load_data
     from sftbridge.formatting import resolve_chat_format
     from sftbridge.modeling import (
+        check_attention,
         load_model,
         load_tokenizer,
         lora_config,
@@ -185,6 +186,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     if not train_set:
         raise DataError(f"{config.data.train_file}: no training example left after data.over_length={policy}")
     device = resolve_device(config.train)
+    check_attention(config.model, device)
     precision = resolve_precision(config.train, device)
     log.info(
         "data: %d train / %d validation examples (%s, %s); device %s, %s",
