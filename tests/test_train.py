@@ -124,6 +124,23 @@ def test_incomplete_run_is_not_loaded(trained_run: Path, tmp_path: Path) -> None
         load_manifest(copy)
 
 
+def test_run_trained_with_flash_attention_loads_on_the_cpu(trained_run: Path, tmp_path: Path) -> None:
+    """A run trained on a GPU with FlashAttention is still usable where it cannot run: generate with sdpa."""
+    import shutil
+
+    from sftbridge.inference import Predictor
+    from sftbridge.runs import MANIFEST
+
+    copy = tmp_path / "gpu-run"
+    shutil.copytree(trained_run, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["config"]["model"]["attn_implementation"] = "flash_attention_2"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    predictor = Predictor.from_run(copy, device="cpu")
+    assert predictor.model.config._attn_implementation == "sdpa"
+    assert predictor.generate([predictor.prompt("What gas do plants take in?")])[0].text
+
+
 def test_failed_validation_creates_nothing(tiny_config: Any, tmp_path: Path) -> None:
     from sftbridge.errors import DataError
     from sftbridge.train import train

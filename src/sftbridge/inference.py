@@ -69,7 +69,7 @@ class Predictor:
     def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> Predictor:
         from peft import PeftModel
 
-        from sftbridge.modeling import load_model, resolve_device, resolve_precision
+        from sftbridge.modeling import load_model, resolve_device, resolve_precision, runnable_attention
 
         run_dir = Path(run_dir)
         manifest = load_manifest(run_dir)
@@ -77,7 +77,9 @@ class Predictor:
         if device != "auto":
             config.train.device = device  # type: ignore[assignment]
         target = resolve_device(config.train)
-        base = load_model(config.model, target, resolve_precision(config.train, target))
+        base = load_model(
+            runnable_attention(config.model, target), target, resolve_precision(config.train, target)
+        )
         if target == "cuda" and not config.model.load_in_4bit:
             base = base.to("cuda")
         from transformers import AutoTokenizer

@@ -51,7 +51,7 @@ def merge_run(
     from transformers import AutoTokenizer
 
     from sftbridge.config import RunConfig
-    from sftbridge.modeling import load_model, resolve_device, resolve_precision
+    from sftbridge.modeling import load_model, resolve_device, resolve_precision, runnable_attention
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest = load_manifest(run_dir)
@@ -64,7 +64,7 @@ def merge_run(
         config.train.device = device  # type: ignore[assignment]
     target = resolve_device(config.train)
     # QLoRA or not, the adapter is merged into full-precision weights: a 4-bit weight cannot take the delta.
-    model_cfg = config.model.model_copy(update={"load_in_4bit": False})
+    model_cfg = runnable_attention(config.model, target).model_copy(update={"load_in_4bit": False})
     if dtype != "auto":
         model_cfg.dtype = dtype  # type: ignore[assignment]
     base = load_model(model_cfg, target, resolve_precision(config.train, target))

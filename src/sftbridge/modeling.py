@@ -78,6 +78,17 @@ def check_attention(cfg: ModelSection, device: Device) -> None:
         )
 
 
+def runnable_attention(cfg: ModelSection, device: Device) -> ModelSection:
+    """For inference and merging: a run trained with FlashAttention on a GPU still loads on a machine that
+    cannot run it (the CPU), with sdpa, which computes the same attention."""
+    try:
+        check_attention(cfg, device)
+    except ConfigError as exc:
+        log.info("%s; loading with sdpa instead", exc)
+        return cfg.model_copy(update={"attn_implementation": "sdpa"})
+    return cfg
+
+
 def resolve_device(train: TrainSection) -> Device:
     import torch
 
