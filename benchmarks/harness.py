@@ -83,8 +83,8 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from sftbridge.config import ModelSection
+    from sftbridge.model_shapes import KNOWN_SHAPES, Shapes
     from sftbridge.modeling import model_path
-    from sftbridge.plan import KNOWN_SHAPES, Shapes
 
     name = spec.removeprefix("random:")
     shapes = (
@@ -183,7 +183,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         "peak_memory_kind": "torch.cuda.max_memory_reserved" if cuda else "peak RSS (ru_maxrss)",
     }
-    from sftbridge.plan import GPUS, make_plan, model_shapes
+    from sftbridge.hardware import GPUS
+    from sftbridge.model_shapes import model_shapes
+    from sftbridge.plan import make_plan
 
     shapes = model_shapes(config.model.name_or_path)
     gpu = None

@@ -41,7 +41,8 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "pydantic", "yaml",
         (["--help"], {"sftbridge", "sftbridge.cli"}),  # no command's module at all
         (
             ["plan", "--help"],
-            {"sftbridge", "sftbridge.cli", "sftbridge.plan_cli", "sftbridge.plan", "sftbridge.errors"},
+            {"sftbridge", "sftbridge.cli", "sftbridge.plan_cli", "sftbridge.plan", "sftbridge.errors"}
+            | {"sftbridge.hardware", "sftbridge.model_shapes"},
         ),
     ],
 )

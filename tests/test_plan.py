@@ -14,17 +14,15 @@ import pytest
 from conftest import ROOT
 from sftbridge.config import load_config
 from sftbridge.errors import ConfigError
+from sftbridge.hardware import INSTANCES, PRICE_TABLE_DATE
+from sftbridge.model_shapes import KNOWN_SHAPES, model_shapes
 from sftbridge.plan import (
     GB,
-    INSTANCES,
-    KNOWN_SHAPES,
-    PRICE_TABLE_DATE,
     SAGEMAKER_OVERHEAD_HOURS,
     Lengths,
     batching,
     layer_activation_bytes,
     make_plan,
-    model_shapes,
     weight_bytes,
 )
 

@@ -1,8 +1,9 @@
 """``sftbridge plan``: peak memory, tokens per step, time per epoch and SageMaker cost, before a run.
 
-Pure arithmetic on three inputs: the model's shapes (its ``config.json`` only, never the weights; a table of
-known shapes for hub ids that cannot be read offline), the config, and the token lengths of the training data
-(tokenized with the model's tokenizer through ``sftbridge.data``, exactly as training encodes it).
+Pure arithmetic on three inputs: the model's shapes (``sftbridge.model_shapes``: its ``config.json`` only,
+never the weights), the config, and the token lengths of the training data (tokenized with the model's
+tokenizer through ``sftbridge.data``, exactly as training encodes it); checked against the GPUs and SageMaker
+instances of ``sftbridge.hardware``.
 
 Memory model (bytes; ``s`` = bytes of an activation: 2 under bf16/fp16 on a GPU, 4 in fp32 on the CPU):
 
@@ -38,156 +39,16 @@ import math
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftbridge.errors import ConfigError, UserError
+from sftbridge.hardware import GPU_ALIASES, GPUS, INSTANCES, PRICE_TABLE_DATE, PRICE_TABLE_NOTE, Gpu
+from sftbridge.model_shapes import Shapes, model_shapes
 
 if TYPE_CHECKING:  # annotations only: `sftbridge --help` must not import pydantic
     from sftbridge.config import RunConfig
 
 GB = 1e9  # decimal gigabytes throughout, like "24 GB" on a card
-MIB = 1 << 20
-
-# ---- Tables ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What memory and FLOPs depend on; read from a config.json."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    head_dim: int = 0  # 0 = hidden_size // num_heads
-    source: str = ""
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * (self.head_dim or self.hidden_size // self.num_heads)
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * (self.head_dim or self.hidden_size // self.num_heads)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one Llama-style decoder layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, self.q_dim),
-            "k_proj": (h, self.kv_dim),
-            "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    @property
-    def decoder_linear_params(self) -> int:
-        return self.num_layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def norm_params(self) -> int:
-        return (2 * self.num_layers + 1) * self.hidden_size
-
-    @property
-    def total_params(self) -> int:
-        return self.decoder_linear_params + self.embedding_params + self.lm_head_params + self.norm_params
-
-    @property
-    def matmul_params(self) -> int:
-        """N of the 2N-per-token rule: every weight in a matmul (the LM head too, tied or not)."""
-        return self.decoder_linear_params + self.vocab_size * self.hidden_size
-
-
-def _llama(h: int, i: int, layers: int, heads: int, kv: int) -> Shapes:
-    return Shapes(h, i, layers, heads, kv, 32000, source="known-shapes table, from its config.json")
-
-
-# Hub ids whose config.json cannot be read here (gated, no network); values copied from their config.json.
-KNOWN_SHAPES: dict[str, Shapes] = {
-    **dict.fromkeys(
-        ("meta-llama/llama-2-7b-hf", "meta-llama/llama-2-7b-chat-hf"), _llama(4096, 11008, 32, 32, 32)
-    ),
-    **dict.fromkeys(
-        ("meta-llama/llama-2-13b-hf", "meta-llama/llama-2-13b-chat-hf"), _llama(5120, 13824, 40, 40, 40)
-    ),
-    **dict.fromkeys(
-        ("meta-llama/llama-2-70b-hf", "meta-llama/llama-2-70b-chat-hf"), _llama(8192, 28672, 80, 64, 8)
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    memory_mib: int  # total, as nvidia-smi reports it
-    bf16_tflops: float  # dense peak (no sparsity), NVIDIA datasheets
-    mfu: float  # ASSUMED model-FLOPs utilisation of bf16 LoRA (4N accounting); replace with measured values
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory_mib * MIB
-
-
-# The MFU column is an assumption, not a measurement: HF/TRL LoRA on 7B-class models reaches roughly a third
-# of the dense peak on A100s; faster cards lose more to launch overhead. Replace with the harness's figures.
-GPUS: dict[str, Gpu] = {
-    # NVIDIA publishes no A10G datasheet; it is GA102 like the A10, whose 125 TFLOPS bf16 is used here.
-    "a10g": Gpu("NVIDIA A10G", 23028, 125.0, 0.30),
-    "a10": Gpu("NVIDIA A10", 23028, 125.0, 0.30),
-    "l4": Gpu("NVIDIA L4", 23034, 121.0, 0.30),
-    "l40s": Gpu("NVIDIA L40S", 46068, 362.0, 0.30),
-    "rtx4090": Gpu("NVIDIA GeForce RTX 4090", 24564, 165.2, 0.30),
-    "a100-40gb": Gpu("NVIDIA A100 40GB", 40960, 312.0, 0.35),
-    "a100-80gb": Gpu("NVIDIA A100 80GB", 81920, 312.0, 0.35),
-    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559, 989.0, 0.30),
-    "h200": Gpu("NVIDIA H200", 143771, 989.0, 0.30),
-}
-GPU_ALIASES = {"a100": "a100-40gb", "4090": "rtx4090", "h100-80gb": "h100"}
-
-# SageMaker training, on-demand, us-east-1, USD per instance-hour. g5/g6/g6e/p4d: the AWS Price List API's
-# SageMaker training rates as published in August 2026 (g5 and p4d unchanged since June 2024); p5: a public
-# listing of the same month, not checked against AWS. Spot is billed at the spot price (often 60-70% less).
-PRICE_TABLE_DATE = "2026-08"
-PRICE_TABLE_NOTE = "on-demand SageMaker training, us-east-1; other regions differ, verify before budgeting"
-INSTANCES: dict[str, tuple[str, int, float | None]] = {  # type -> (GPU, GPUs per instance, USD/hour)
-    "ml.g5.xlarge": ("a10g", 1, 1.408),
-    "ml.g5.2xlarge": ("a10g", 1, 1.515),
-    "ml.g5.4xlarge": ("a10g", 1, 2.03),
-    "ml.g5.8xlarge": ("a10g", 1, 3.06),
-    "ml.g5.16xlarge": ("a10g", 1, 5.12),
-    "ml.g5.12xlarge": ("a10g", 4, 7.09),
-    "ml.g5.24xlarge": ("a10g", 4, 10.18),
-    "ml.g5.48xlarge": ("a10g", 8, 20.36),
-    "ml.g6.xlarge": ("l4", 1, 1.127),
-    "ml.g6.2xlarge": ("l4", 1, 1.222),
-    "ml.g6.4xlarge": ("l4", 1, 1.654),
-    "ml.g6.8xlarge": ("l4", 1, 2.518),
-    "ml.g6.16xlarge": ("l4", 1, None),
-    "ml.g6.12xlarge": ("l4", 4, 5.752),
-    "ml.g6.24xlarge": ("l4", 4, 8.344),
-    "ml.g6.48xlarge": ("l4", 8, 16.688),
-    "ml.g6e.xlarge": ("l40s", 1, 2.61),
-    "ml.g6e.2xlarge": ("l40s", 1, 2.80),
-    "ml.g6e.12xlarge": ("l40s", 4, 13.12),
-    "ml.p4d.24xlarge": ("a100-40gb", 8, 37.688),
-    "ml.p4de.24xlarge": ("a100-80gb", 8, None),
-    "ml.p5.48xlarge": ("h100", 8, 113.07),
-}
 
 CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context + cuBLAS workspace; outside the caching allocator's count
 # The CPU's two constants are measured by benchmarks/cpu_memory.py (tiny model, torch 2.13, 4000 examples).
@@ -204,41 +65,6 @@ FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768  # TRL's chunked log-prob tile
 
 
 # ---- Inputs ----------------------------------------------------------------------------------------------
-
-
-def model_shapes(name_or_path: str) -> Shapes:
-    """Shapes from the model's config.json: a local folder, builtin:*, the HF cache, else the known table."""
-    from sftbridge.config import ModelSection
-    from sftbridge.modeling import model_path
-
-    path = model_path(ModelSection(name_or_path=name_or_path))
-    local = Path(path).is_dir()
-    known = KNOWN_SHAPES.get(name_or_path.lower())
-    if known is not None and not local:
-        return known
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, local_files_only=not local)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"model.name_or_path: no config.json for {name_or_path!r} ({exc.__class__.__name__}); point it "
-            "at a local folder holding the model's config.json, or use one of: "
-            + ", ".join(sorted(KNOWN_SHAPES))
-        ) from None
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    return Shapes(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_layers=text.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        vocab_size=text.vocab_size,
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        head_dim=getattr(text, "head_dim", None) or 0,
-        source=f"config.json of {path}",
-    )
 
 
 @dataclass

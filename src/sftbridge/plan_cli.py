@@ -9,7 +9,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from sftbridge.plan import GB, GPUS, PRICE_TABLE_DATE, SAGEMAKER_OVERHEAD_HOURS, Plan, make_plan
+from sftbridge.hardware import GPUS, PRICE_TABLE_DATE
+from sftbridge.plan import GB, SAGEMAKER_OVERHEAD_HOURS, Plan, make_plan
 
 if TYPE_CHECKING:  # annotations only: pydantic loads with the config, in cmd_plan
     from sftbridge.config import RunConfig

@@ -1,12 +1,12 @@
 """SageMaker training instances for the backend: GPUs per instance and the hourly price.
 
-The one price table lives in ``sftbridge.plan`` (``INSTANCES``, dated ``PRICE_TABLE_DATE``); this module only
-answers the backend's two questions, with a family rule for types the table does not list.
+The one price table lives in ``sftbridge.hardware`` (``INSTANCES``, dated ``PRICE_TABLE_DATE``); this module
+only answers the backend's two questions, with a family rule for types the table does not list.
 """
 
 from __future__ import annotations
 
-from sftbridge.plan import INSTANCES, PRICE_TABLE_DATE
+from sftbridge.hardware import INSTANCES, PRICE_TABLE_DATE
 
 __all__ = ["PRICE_TABLE_DATE", "gpu_count", "price_per_hour"]
 
