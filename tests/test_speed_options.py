@@ -190,3 +190,36 @@ def test_length_grouped_order_is_fixed_by_seed_and_epoch(encoded: list[Any]) -> 
 
     trainer = make_trainer(encoded, SafeSFTTrainer, group_by_length=True)
     assert isinstance(trainer._get_train_sampler(), EpochSeededLengthGroupedSampler)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "option",
+    [{"train__use_liger_kernel": True}, {"train__optim": "paged_adamw_8bit"}],
+    ids=["liger", "paged_adamw_8bit"],
+)
+def test_gpu_option_keeps_the_training_losses(
+    tiny_config: Any, tmp_path: Any, option: dict[str, Any]
+) -> None:
+    """The CUDA-only options, on and off, three steps in fp32 (dropout off).
+
+    Liger's fused linear cross-entropy must give the same answer-only loss; 8-bit AdamW changes the updates,
+    not the loss, so its first step (before any update) must match and the rest stay close.
+    """
+    if "train__use_liger_kernel" in option:
+        pytest.importorskip("liger_kernel")
+    common = {
+        "train__max_steps": 3,
+        "lora__dropout": 0.0,
+        "train__device": "cuda",
+        "train__precision": "fp32",
+        "model__attn_implementation": "sdpa",
+    }
+    plain = losses_of_a_run(tiny_config(**common), tmp_path / "plain")
+    changed = losses_of_a_run(tiny_config(**{**common, **option}), tmp_path / "changed")
+    assert len(changed) == len(plain) == 3
+    if "train__optim" in option:
+        assert changed[0] == pytest.approx(plain[0], rel=1e-5)
+        assert changed == pytest.approx(plain, rel=0.05)
+    else:
+        assert changed == pytest.approx(plain, rel=1e-3)
