@@ -39,13 +39,17 @@ def _load_error(name: str, exc: Exception) -> UserError:
     return UserError(f"model.name_or_path: cannot load {name!r}: {exc}{hint}")
 
 
-def load_tokenizer(cfg: ModelSection) -> Any:
+def load_tokenizer(cfg: ModelSection, *, local_only: bool = False) -> Any:
+    """The model's tokenizer; ``local_only``: from a folder or the Hugging Face cache, never the network."""
     from transformers import AutoTokenizer
 
     try:
         # HF_TOKEN is read from the environment by huggingface_hub; it never passes through our config.
         return AutoTokenizer.from_pretrained(
-            model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            model_path(cfg),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local_only,
         )
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name_or_path, exc) from exc

@@ -104,15 +104,17 @@ def data_lengths(config: RunConfig) -> tuple[Lengths, list[str]]:
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     estimated = False
     try:
-        tokenizer = load_tokenizer(config.model)
-    except UserError as exc:
+        # Local only: a plan is a quick pre-flight check, and offline the hub client retries for ~50 s.
+        tokenizer = load_tokenizer(config.model, local_only=True)
+    except UserError:
         from sftbridge.config import ModelSection
 
         # Render with Llama-2's chat template (the built-in tokenizer carries it verbatim), count characters.
         tokenizer, estimated = load_tokenizer(ModelSection()), True
         notes.append(
-            f"the tokenizer of {config.model.name_or_path} cannot be read here ({type(exc).__name__}): "
-            f"token lengths estimated at {CHARS_PER_TOKEN} characters per token"
+            f"the tokenizer of {config.model.name_or_path} is not on this machine: token lengths estimated "
+            f"at {CHARS_PER_TOKEN} characters per token (exact after "
+            f"`hf download {config.model.name_or_path} --include '*.json' 'tokenizer.model'`)"
         )
     prompt_format = data.prompt_format(
         resolve_chat_format(config.data.chat_format, tokenizer), config.data.system_prompt
