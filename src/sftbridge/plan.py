@@ -54,8 +54,9 @@ CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context + cuBLAS workspace; outside the ca
 # The CPU's two constants are measured by benchmarks/cpu_memory.py (tiny model, torch 2.13, 4000 examples).
 # RSS just before the first step: Python, torch/transformers/TRL/PEFT/datasets, the trainer, the data.
 CPU_RUNTIME_BYTES = 0.68 * GB
-# Peak RSS growth while training over the saved-activation estimate (1.58 to 1.82 at batch 2 to 16): the
-# backward's transient gradients beside the saved tensors, and freed blocks glibc keeps mapped.
+# Peak RSS growth while training over the saved-activation estimate (1.6 to 1.8 at batch 8 and 16 over three
+# runs; batch 2 varies more, 1.25 to 1.9): the backward's transient gradients beside the saved tensors, and
+# freed blocks glibc keeps mapped.
 CPU_STEP_OVERHEAD = 1.7
 ALLOCATOR_OVERHEAD = 1.10  # reserved / allocated of PyTorch's caching allocator under changing batch shapes
 QLORA_SPEED = 0.7  # 4-bit: each matmul dequantizes its nf4 weights first (forward and backward)
