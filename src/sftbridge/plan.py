@@ -14,12 +14,13 @@ Memory model (bytes; ``s`` = bytes of an activation: 2 under bf16/fp16 on a GPU,
   copy (fp32 for 16-bit LoRA; TRL casts them to bf16 for a quantized base). 8-bit AdamW keeps 1-byte moments.
   The frozen base has no gradients and no optimizer state.
 - activations saved for the backward pass, per token and decoder layer: each RMSNorm's input upcast to fp32
-  and its normalized output (2 x (4h + sh)), q/k/v after RoPE and the attention output (s(2h + 2kv)),
-  SwiGLU's gate, up and SiLU(gate) (3si), the inputs of 16/32-bit linear layers, frozen or not (s(3h + i);
-  bitsandbytes' 4-bit matmul keeps none), each LoRA input behind its dropout and its rank-r output. Eager
-  attention adds the softmax (fp32 + a cast copy) of heads x context per token. Gradient checkpointing keeps
-  each layer's input (sh) and recomputes one layer at a time. One more layer's worth is counted for the
-  gradients in flight.
+  (2 x 4h), q/k/v after RoPE and the attention output (s(2h + 2kv)), SwiGLU's gate, up and SiLU(gate) (3si),
+  nothing for the frozen linear layers (16- or 4-bit: no weight gradient), and what the adapters read: the
+  layer inputs without dropout, else each adapter's dropped copy of its input and the dropout mask (bool on
+  CUDA), plus lora_A's rank-r output. Eager attention adds the softmax (fp32 + a cast copy) of heads x
+  context per token; CPU sdpa keeps an fp32 copy of the attention mask (4 x context). Gradient checkpointing
+  keeps each layer's input (sh) and recomputes one layer at a time. One more layer's worth is counted for
+  the gradients in flight.
 - the LM head: TRL's fused head scores tokens in tiles of 4096 x vocab without materializing the logits.
 - runtime: the CUDA context (not in ``torch.cuda.max_memory_reserved``), or on the CPU the resident size of
   Python with torch, transformers, TRL, PEFT and datasets, the trainer and the data, before the first step.
@@ -54,10 +55,10 @@ CUDA_CONTEXT_BYTES = 0.5 * GB  # CUDA context + cuBLAS workspace; outside the ca
 # The CPU's two constants are measured by benchmarks/cpu_memory.py (tiny model, torch 2.13, 4000 examples).
 # RSS just before the first step: Python, torch/transformers/TRL/PEFT/datasets, the trainer, the data.
 CPU_RUNTIME_BYTES = 0.68 * GB
-# Peak RSS growth while training over the saved-activation estimate (1.6 to 1.8 at batch 8 and 16 over three
-# runs; batch 2 varies more, 1.25 to 1.9): the backward's transient gradients beside the saved tensors, and
-# freed blocks glibc keeps mapped.
-CPU_STEP_OVERHEAD = 1.7
+# Peak RSS growth while training over the saved-activation estimate (1.45 to 1.75 at batch 2 to 16, varying
+# by up to 0.2 from run to run): the backward's transient gradients beside the saved tensors, and freed
+# blocks glibc keeps mapped.
+CPU_STEP_OVERHEAD = 1.6
 ALLOCATOR_OVERHEAD = 1.10  # reserved / allocated of PyTorch's caching allocator under changing batch shapes
 QLORA_SPEED = 0.7  # 4-bit: each matmul dequantizes its nf4 weights first (forward and backward)
 SAGEMAKER_OVERHEAD_HOURS = 10 / 60  # billed but not training: image pull, model download and load
@@ -258,42 +259,39 @@ def layer_activation_bytes(
     dropout: float,
     s: int,
     *,
-    quantized: bool,
     eager: bool,
     context: int,
     cpu_sdpa_mask: bool = False,
+    dropout_mask_bytes: int = 1,
 ) -> float:
     """Bytes saved for backward per token in one decoder layer (see the module docstring).
 
-    Checked against ``torch.autograd.graph.saved_tensors_hooks`` on the tiny model in fp32: 9% under with
-    LoRA dropout (tests/test_plan.py allows 10%); the CPU mask term is exact.
+    Checked against the tensors autograd saves (``saved_tensors_hooks``) for one layer of the tiny model in
+    fp32, with and without dropout and attention mask: within 1% (tests/test_plan.py).
+    ``dropout_mask_bytes``: CUDA's fused dropout keeps a bool mask, the CPU's a float one (4 bytes in fp32).
     """
     h, i, q, kv = shapes.hidden_size, shapes.intermediate_size, shapes.q_dim, shapes.kv_dim
     linear = shapes.linear_shapes()
-    saved = 2.0 * (4 * h + s * h)  # each RMSNorm: its input upcast to fp32 and the normalized hidden
+    saved = 2.0 * 4 * (h + 1)  # each RMSNorm: its input upcast to fp32 and 1/rms; its frozen weight: nothing
     saved += s * (q + 2 * kv) + s * q  # q, k, v after RoPE; the attention output
     saved += 3 * s * i  # SwiGLU: gate, up, SiLU(gate)
     if eager:
         saved += shapes.num_heads * context * (4 + (s if s < 4 else 0))  # fp32 softmax (+ its 16-bit copy)
-    elif cpu_sdpa_mask:
+    else:
+        saved += 4 * shapes.num_heads  # sdpa's fp32 log-sum-exp per head
+    if cpu_sdpa_mask and not eager:
         saved += 4 * context  # the CPU's flash kernel keeps the attention mask as fp32, one copy per layer
     adapted = [t for t in targets if t in linear]
-    if not quantized:
-        # 16/32-bit linear layers keep their inputs even when frozen; bitsandbytes' 4-bit matmul keeps none.
-        saved += s * (h + q + h + i)
-    elif dropout == 0:  # the adapters read the layer inputs themselves
-        groups = {
-            "q_proj": "n1",
-            "k_proj": "n1",
-            "v_proj": "n1",
-            "o_proj": "o",
-            "gate_proj": "n2",
-            "up_proj": "n2",
-        }
-        saved += s * sum({"n1": h, "n2": h, "o": q}[g] for g in {groups[t] for t in adapted if t in groups})
+    # A frozen linear layer, 16-bit or 4-bit, keeps no input: there is no weight gradient to compute. What
+    # the adapters' lora_A reads is kept: without dropout the layer inputs themselves (one copy shared by
+    # q/k/v, one by gate/up; o_proj's is the attention output, counted above), with dropout each adapter's
+    # own dropped copy and its mask.
+    if dropout == 0:
+        shared = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "gate_proj": "n2", "up_proj": "n2"}
+        saved += s * h * len({shared[t] for t in adapted if t in shared})
         saved += s * i * ("down_proj" in adapted)
-    if dropout > 0:
-        saved += sum(s * linear[t][0] for t in adapted)  # each adapter's own dropped copy of its input
+    else:
+        saved += sum((s + dropout_mask_bytes) * linear[t][0] for t in adapted)
     saved += s * r * len(adapted)  # rank-r outputs of lora_A
     return saved
 
@@ -321,10 +319,10 @@ def memory(
         config.lora.target_modules,
         config.lora.dropout,
         s,
-        quantized=bits == 4,
         eager=eager,
         context=cols,
         cpu_sdpa_mask=not on_gpu,
+        dropout_mask_bytes=1 if on_gpu else s,
     )
     h = shapes.hidden_size
     outside = 4.0 * h  # final norm input in fp32
