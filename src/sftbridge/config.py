@@ -131,7 +131,7 @@ class TrainSection(_Section):
         False, description="Liger fused Triton kernels (GPU, pip install liger-kernel)."
     )
     # On: batches of similar lengths cut padding from 55% to 3% of the tokens on an instruction-like mix of
-    # lengths and trained 2.3-2.65x the tokens/s of random batches (CPU, benchmarks/results/harness-cpu.md).
+    # lengths and trained 2.2-2.65x the tokens/s of random batches (CPU, benchmarks/results/harness-cpu.md).
     # The first batch is the longest, so a run that will not fit fails at step 1, not mid-epoch.
     group_by_length: bool = Field(True, description="Batch examples of similar length: less padding.")
     logging_steps: int = Field(10, gt=0)
