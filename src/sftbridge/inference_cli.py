@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     from sftbridge.errors import DataError
     from sftbridge.evaluate import evaluate, format_table, load_cases
     from sftbridge.inference import Predictor

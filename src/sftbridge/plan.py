@@ -185,22 +185,16 @@ def batching(config: RunConfig, lengths: list[int], world: int, seed: int = 0) -
     if train.group_by_length:
         order = _length_grouped(order, lengths, rows * train.gradient_accumulation_steps)
     batches = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+    # what each device is fed: its own rows of every global batch
+    parts = [
+        [lengths[j] for j in batch[k : k + rows]] for batch in batches for k in range(0, len(batch), rows)
+    ]
     if train.padding_free:
         processed = total
-        # one row of the batch's real tokens; the widest of this epoch's batches (as sampled with this seed)
-        widest = max(
-            sum(lengths[j] for j in batch[k : k + rows])
-            for batch in batches
-            for k in range(0, len(batch), rows)
-        )
-        peak = (1, widest)
+        # one row of the part's real tokens; the widest part of this epoch (as sampled with this seed)
+        peak = (1, max(map(sum, parts)))
     else:
-        # Each device pads its own rows to their longest.
-        processed = sum(
-            len(part) * max(lengths[j] for j in part)
-            for batch in batches
-            for part in (batch[k : k + rows] for k in range(0, len(batch), rows))
-        )
+        processed = sum(len(part) * max(part) for part in parts)  # each part padded to its longest
         peak = (min(rows, len(lengths)), max(lengths))
     micro = len(batches)
     per_step = processed / micro * train.gradient_accumulation_steps

@@ -151,10 +151,16 @@ def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig
     return config, run_dir
 
 
+def _as_dataset(examples: list[Any]) -> Any:
+    """What TRL trains on: ready-made ``input_ids`` and ``labels`` (the prompt already at -100)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+
 def train(config: RunConfig, run_dir: Path) -> Path:
     """Validate the data, train, write the run directory. Returns its path."""
     import torch
-    from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig
 
@@ -197,8 +203,9 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         device,
         precision,
     )
-    train_rows = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in train_set])
-    eval_rows = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in eval_set])
+    do_eval = bool(eval_set) and config.train.eval_strategy != "no"
+    train_rows = _as_dataset(train_set)
+    eval_rows = _as_dataset(eval_set) if do_eval else None
     data_record = {
         "sha256": data.sha256,
         "template_source": data.template_source,
@@ -224,7 +231,6 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     try:
         model = load_model(config.model, device, precision)
         load_seconds = time.time() - started
-        do_eval = len(eval_rows) > 0 and config.train.eval_strategy != "no"
         args = SFTConfig(
             output_dir=str(checkpoints),
             num_train_epochs=config.train.epochs,
@@ -268,7 +274,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             model=model,
             args=args,
             train_dataset=train_rows,
-            eval_dataset=eval_rows if do_eval else None,
+            eval_dataset=eval_rows,
             processing_class=tokenizer,
             peft_config=lora_config(config),
             callbacks=[stopper],

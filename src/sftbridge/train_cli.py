@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,6 @@ def _remote_only(args: argparse.Namespace, backend: Any, config: Any, overrides:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    import json
-
     from sftbridge.config import load_config
     from sftbridge.data import encode_split, load_data
     from sftbridge.formatting import resolve_chat_format
