@@ -218,8 +218,7 @@ def _one_line(exc: Exception) -> Exception:
     from botocore.exceptions import BotoCoreError, ClientError
 
     if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return UserError(f"AWS refused the job: {error.get('Code')}: {error.get('Message')}")
+        return UserError(f"AWS refused the job: {aws.reason(exc)}")
     # The SDK reports bad settings (and a role it finds lacking) as ValueError / RoleValidationError.
     if isinstance(exc, BotoCoreError | ValueError) or type(exc).__name__ == "RoleValidationError":
         text = " ".join(str(exc).split())

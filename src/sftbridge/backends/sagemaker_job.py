@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sftbridge import aws
 from sftbridge.archive import safe_extract, safe_relative
 from sftbridge.backends.sagemaker_plan import SPLIT_CHANNELS
 from sftbridge.config import dump_config, validate_config
@@ -68,7 +69,7 @@ class SageMakerJob:
                 raise UserError(
                     f"job {self.id}: not found in {self.region} ({error.get('Message')})"
                 ) from None
-            raise UserError(f"job {self.id}: {error.get('Code')}: {error.get('Message')}") from None
+            raise UserError(f"job {self.id}: {aws.reason(exc)}") from None
         return describe
 
     def status(self) -> str:
@@ -162,10 +163,9 @@ class SageMakerJob:
         try:
             self._download_output(d, staging)
         except ClientError as exc:
-            error = exc.response.get("Error", {})
             raise RunDirError(
                 f"job {self.id}: cannot download its output {d['ModelArtifacts']['S3ModelArtifacts']} "
-                f"({error.get('Code')}: {error.get('Message')})"
+                f"({aws.reason(exc)})"
             ) from None
 
     def _download_output(self, d: dict[str, Any], staging: Path) -> None:
