@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, base_overrides, synthetic_dataset
+from harness import base_overrides, run_worker, synthetic_dataset
 
 MIB = 1 << 20
 
@@ -34,14 +32,14 @@ def rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure(overrides: dict[str, Any]) -> dict[str, float]:
-    """Run in a fresh process: train with these overrides, return the RSS before and during training."""
+def measure(spec: dict[str, Any]) -> dict[str, float]:
+    """Run in a fresh process: train with spec's overrides, return the RSS before and during training."""
     from sftbridge import trainer
     from sftbridge.config import load_config
     from sftbridge.plan import make_plan
     from sftbridge.train import train
 
-    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in spec["overrides"].items()])
     samples: list[tuple[float, int]] = []
     done = threading.Event()
 
@@ -106,16 +104,9 @@ def main() -> None:
         for batch in args.batch_sizes:
             overrides = base_overrides(harness_args, "builtin:tiny-llama", data)
             overrides["train.per_device_batch_size"] = batch
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(overrides)],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=ROOT,
-                check=True,
-            )
-            r = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+            r = run_worker({"variant": f"batch {batch}", "overrides": overrides}, threads=1, script=__file__)
+            if "error" in r:
+                raise SystemExit(f"batch {batch}: {r['error']}")
             growth = r["peak_rss_training"] - r["rss_before_training"]
             error = r["plan_peak_total"] / r["peak_rss_training"] - 1
             print(

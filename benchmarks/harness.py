@@ -293,12 +293,13 @@ def plain_trl(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
 # ---- driver ------------------------------------------------------------------------------------------------
 
 
-def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+def run_worker(spec: dict[str, Any], threads: int, script: str = __file__) -> dict[str, Any]:
+    """Run ``script --worker SPEC`` in a fresh process; its ``RESULT {...}`` line, or ``{"error": ...}``."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        [sys.executable, script, "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         env=env,

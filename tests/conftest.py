@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TRAIN = ROOT / "data" / "sciq-sample" / "train.jsonl"
 SAMPLE_TEST = ROOT / "data" / "sciq-sample" / "test.jsonl"
 FAKE_TOKEN = "hf_testSECRETtoken1234567890abcdef"
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """``sftbridge ARGS`` in a subprocess, as a user runs it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "sftbridge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

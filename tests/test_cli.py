@@ -9,18 +9,9 @@ from typing import Any
 import pytest
 
 from conftest import FAKE_TOKEN, ROOT, SAMPLE_TRAIN, write_jsonl
+from conftest import run_cli as sftbridge
 
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
-
-
-def sftbridge(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sftbridge.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-    )
 
 
 def test_help_lists_the_commands() -> None:

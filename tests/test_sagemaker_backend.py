@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import FAKE_TOKEN, ROOT
+from conftest import run_cli as sftbridge
 from sftbridge.archive import safe_extract
 from sftbridge.backends import sagemaker_hparams as hp
 from sftbridge.backends.sagemaker_plan import make_plan
@@ -604,17 +605,6 @@ def test_safe_extract_keeps_links_inside(tmp_path: Path) -> None:
 
 
 # -- the CLI, against moto_server on 127.0.0.1 ---------------------------------------------------------------
-
-
-def sftbridge(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sftbridge.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_dry_run_prints_the_request_without_calling_aws(aws_env: dict[str, str]) -> None:
