@@ -2,7 +2,8 @@
 
 For a few batch sizes, in a fresh process each: the RSS just before the first optimizer step (Python, the
 libraries, the loaded model and trainer, the encoded data) and the peak RSS while training, sampled every
-5 ms, beside the plan's saved-activation estimate. The two CPU constants of ``sftbridge.plan`` come from here:
+5 ms, beside the plan's saved-activation estimate. The two CPU constants of
+``sftbridge.planning.estimate`` come from here:
 ``CPU_RUNTIME_BYTES`` (the RSS before training) and ``CPU_STEP_OVERHEAD`` (peak growth over the estimate).
 
     python benchmarks/cpu_memory.py                 # tiny model, batch 2, 8, 16 x 512 tokens; ~3 min
@@ -34,10 +35,10 @@ def rss_bytes() -> int:
 
 def measure(spec: dict[str, Any]) -> dict[str, float]:
     """Run in a fresh process: train with spec's overrides, return the RSS before and during training."""
-    from sftbridge import trainer
     from sftbridge.config import load_config
-    from sftbridge.plan import make_plan
-    from sftbridge.train import train
+    from sftbridge.planning.estimate import make_plan
+    from sftbridge.training import trainer
+    from sftbridge.training.train import train
 
     config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in spec["overrides"].items()])
     samples: list[tuple[float, int]] = []

@@ -83,8 +83,8 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from sftbridge.config import ModelSection
-    from sftbridge.model_shapes import KNOWN_SHAPES, Shapes
-    from sftbridge.modeling import model_path
+    from sftbridge.planning.model_shapes import KNOWN_SHAPES, Shapes
+    from sftbridge.training.modeling import model_path
 
     name = spec.removeprefix("random:")
     shapes = (
@@ -183,9 +183,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         ),
         "peak_memory_kind": "torch.cuda.max_memory_reserved" if cuda else "peak RSS (ru_maxrss)",
     }
-    from sftbridge.hardware import GPUS
-    from sftbridge.model_shapes import model_shapes
-    from sftbridge.plan import make_plan
+    from sftbridge.planning.estimate import make_plan
+    from sftbridge.planning.hardware import GPUS
+    from sftbridge.planning.model_shapes import model_shapes
 
     shapes = model_shapes(config.model.name_or_path)
     gpu = None
@@ -207,7 +207,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def ours(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
     """sftbridge's own training path, end to end (run directory and all)."""
     from sftbridge.runs import load_manifest
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     with tempfile.TemporaryDirectory() as out:
         run = train(config, Path(out) / "run")
@@ -224,7 +224,7 @@ def plain_trl(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from sftbridge.modeling import model_path
+    from sftbridge.training.modeling import model_path
 
     path = model_path(config.model)
     cuda = config.train.device != "cpu" and torch.cuda.is_available()
@@ -442,7 +442,7 @@ def write_results(
     import trl
 
     from sftbridge.config import load_config
-    from sftbridge.plan import data_lengths
+    from sftbridge.planning.estimate import data_lengths
 
     lengths, _ = data_lengths(load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()]))
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"

@@ -45,7 +45,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def train_tiny(where: Path) -> Path:
     from sftbridge.config import load_config
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     os.chdir(ROOT)  # the config's data paths are relative to the repository root
     return train(load_config(ROOT / "configs" / "tiny-cpu.yaml"), where / "tiny")
@@ -183,7 +183,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
 
     scratch = tempfile.TemporaryDirectory(prefix="serve-bench-")
     run = args.run or train_tiny(Path(scratch.name))

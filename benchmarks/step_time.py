@@ -29,7 +29,7 @@ def plain_trl(epochs: float) -> tuple[float, int]:
     from trl import SFTConfig, SFTTrainer
 
     from sftbridge.config import load_config
-    from sftbridge.modeling import model_path
+    from sftbridge.training.modeling import model_path
 
     config = load_config(CONFIG)
     path = model_path(config.model)
@@ -79,7 +79,7 @@ def ours(epochs: float) -> tuple[float, int]:
 
     from sftbridge.config import load_config
     from sftbridge.runs import load_manifest
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     os.chdir(ROOT)
     # our overhead alone: the plain script samples at random, so ours does too (grouping is on by default)

@@ -4,12 +4,12 @@
     python scripts/train.py --config configs/tiny-cpu.yaml --train.epochs 3
 
 SageMaker runs it as ``python train.py --config ... --section.key value ...`` with SM_* set; see
-``sftbridge.train`` for how that environment is read.
+``sftbridge.training.train`` for how that environment is read.
 """
 
 import sys
 
-from sftbridge.train import main
+from sftbridge.training.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

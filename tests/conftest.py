@@ -64,7 +64,7 @@ def _environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     from sftbridge.config import ModelSection
-    from sftbridge.modeling import load_tokenizer
+    from sftbridge.training.modeling import load_tokenizer
 
     return load_tokenizer(ModelSection())
 
@@ -114,7 +114,7 @@ def tiny_config(tmp_path: Path, qa_rows: list[dict[str, str]]) -> Callable[..., 
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped tiny-cpu config trained once on the sample data (~1 minute on 2 cores)."""
     from sftbridge.config import load_config
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # the config's data paths are relative to the repository root

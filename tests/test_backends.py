@@ -12,7 +12,7 @@ from sftbridge.backends import Backend, available_backends, get_backend
 from sftbridge.backends.local import LocalBackend
 from sftbridge.config import load_config
 from sftbridge.errors import ConfigError, DataError
-from sftbridge.train import SageMakerEnv, parse_args, resolve_config
+from sftbridge.training.train import SageMakerEnv, parse_args, resolve_config
 
 
 def test_local_backend_is_registered() -> None:

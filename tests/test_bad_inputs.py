@@ -89,7 +89,7 @@ def test_ten_megabyte_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_bom_and_crlf_are_read_not_refused(tokenizer: object) -> None:
     """A UTF-8 BOM and Windows line endings are common in hand-edited files: they load as the same records."""
     from sftbridge.config import DataSection
-    from sftbridge.data import load_data
+    from sftbridge.data.loading import load_data
 
     data = load_data(
         DataSection(train_file=str(CORPUS / "accepted_bom_crlf.jsonl"), validation_split_ratio=0)

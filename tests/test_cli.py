@@ -32,8 +32,14 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "pydantic", "yaml",
         (["--help"], {"sftbridge", "sftbridge.cli"}),  # no command's module at all
         (
             ["plan", "--help"],
-            {"sftbridge", "sftbridge.cli", "sftbridge.plan_cli", "sftbridge.plan", "sftbridge.errors"}
-            | {"sftbridge.hardware", "sftbridge.model_shapes"},
+            {
+                "sftbridge",
+                "sftbridge.cli",
+                "sftbridge.cli.plan",
+                "sftbridge.planning.estimate",
+                "sftbridge.errors",
+            }
+            | {"sftbridge.planning", "sftbridge.planning.hardware", "sftbridge.planning.model_shapes"},
         ),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_jsonl
 from sftbridge.config import DataSection
-from sftbridge.data import encode_split, load_data, split_records
+from sftbridge.data.loading import encode_split, load_data, split_records
 from sftbridge.errors import DataError
 
 GOOD = {"question": "What gas do plants take in?", "correct_answer": "carbon dioxide"}

@@ -103,8 +103,8 @@ def test_deploy_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
     import boto3
     from botocore.exceptions import ClientError
 
-    from sftbridge.deploy import deploy, invoke, undeploy
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
+    from sftbridge.serving.deploy import deploy, invoke, undeploy
 
     result = deploy(trained_run, name="tiny-endpoint", instance_type=INSTANCE, role=ROLE)
     model_data = f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/model.tar.gz"
@@ -181,7 +181,7 @@ def test_cli_deploys_a_merged_folder(
     aws: Recorder, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from sftbridge.cli import main
-    from sftbridge.merge import merge_run
+    from sftbridge.inference.merge import merge_run
 
     merged = merge_run(trained_run, tmp_path / "merged", dtype="bfloat16", device="cpu")
     args = [
@@ -264,7 +264,7 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_upload(
     import boto3
     from moto.core import set_initial_no_auth_action_count
 
-    from sftbridge.deploy import DeployError, deploy
+    from sftbridge.serving.deploy import DeployError, deploy
 
     def as_restricted_user() -> None:
         iam = boto3.client("iam", region_name=REGION)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from sftbridge.errors import Interrupted, UserError
 from sftbridge.runs import checkpoint_dir_for, load_manifest
-from sftbridge.train import train
+from sftbridge.training.train import train
 
 # 24 rows, batch 8: 3 steps an epoch; 8 steps = 2 epochs and a bit.
 STEPS = dict(train__max_steps=8, train__save_steps=2, train__logging_steps=1, lora__dropout=0.1)
@@ -36,7 +36,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 
 def stop_after(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deliver SIGTERM's effect (the handler's flag) when `step` ends, as a real signal would."""
-    from sftbridge.trainer import StopOnSignal
+    from sftbridge.training.trainer import StopOnSignal
 
     original = StopOnSignal.on_step_end
 
@@ -77,7 +77,7 @@ def test_failed_save_leaves_the_previous_checkpoint(
     tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sftbridge.runs import latest_checkpoint
-    from sftbridge.trainer import SafeSFTTrainer
+    from sftbridge.training.trainer import SafeSFTTrainer
 
     original = SafeSFTTrainer._save_optimizer_and_scheduler
 
@@ -104,7 +104,7 @@ def test_failed_save_leaves_the_previous_checkpoint(
 def test_nan_loss_stops_with_a_clear_error(
     tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sftbridge.trainer import SafeSFTTrainer
+    from sftbridge.training.trainer import SafeSFTTrainer
 
     original = SafeSFTTrainer.compute_loss
 
@@ -129,7 +129,7 @@ def test_nan_loss_stops_with_a_clear_error(
 def test_out_of_memory_names_the_keys_to_change(
     tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sftbridge.trainer import SafeSFTTrainer
+    from sftbridge.training.trainer import SafeSFTTrainer
 
     def oom(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -164,7 +164,7 @@ def test_sigterm_mid_run_then_resume(tmp_path: Path, qa_rows: list[dict[str, str
     command = [
         sys.executable,
         "-m",
-        "sftbridge.train",
+        "sftbridge.training.train",
         "--config",
         str(ROOT / "configs" / "tiny-cpu.yaml"),
         "--run-dir",

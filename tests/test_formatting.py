@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from sftbridge.formatting import IGNORE_INDEX, Example, FormatError, PromptFormat
+from sftbridge.data.formatting import IGNORE_INDEX, Example, FormatError, PromptFormat
 
 QUESTION = "Bones, cartilage, and ligaments make up what anatomical system?"
 ANSWER = "skeletal system"

@@ -33,8 +33,8 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from sftbridge.inference import Predictor
-    from sftbridge.merge import load_merged, merge_run
+    from sftbridge.inference.merge import load_merged, merge_run
+    from sftbridge.inference.predictor import Predictor
     from sftbridge.runs import load_manifest
 
     out = merge_run(trained_run, tmp_path / "merged", device="cpu", max_shard_size="1MB")
@@ -87,10 +87,10 @@ def test_qlora_run_merges_into_a_full_precision_base(tiny_config: Any, tmp_path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sftbridge.inference import Predictor
-    from sftbridge.merge import merge_run
-    from sftbridge.modeling import load_model
-    from sftbridge.train import train
+    from sftbridge.inference.merge import merge_run
+    from sftbridge.inference.predictor import Predictor
+    from sftbridge.training.modeling import load_model
+    from sftbridge.training.train import train
 
     config = tiny_config(model__load_in_4bit=True, train__max_steps=4)
     run = train(config, tmp_path / "qlora")

@@ -52,7 +52,7 @@ def test_installed_wheel_stages_a_sagemaker_source_dir(wheel: Path, tmp_path: Pa
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from pathlib import Path\n"
-        "from sftbridge.backends.sagemaker_source import entry_script, stage_source\n"
+        "from sftbridge.backends.sagemaker.source import entry_script, stage_source\n"
         "print(entry_script())\n"
         "stage_source(Path(sys.argv[2]))\n"
     )

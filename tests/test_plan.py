@@ -14,9 +14,7 @@ import pytest
 from conftest import ROOT
 from sftbridge.config import load_config
 from sftbridge.errors import ConfigError
-from sftbridge.hardware import INSTANCES, PRICE_TABLE_DATE
-from sftbridge.model_shapes import KNOWN_SHAPES, model_shapes
-from sftbridge.plan import (
+from sftbridge.planning.estimate import (
     GB,
     SAGEMAKER_OVERHEAD_HOURS,
     Lengths,
@@ -25,6 +23,8 @@ from sftbridge.plan import (
     make_plan,
     weight_bytes,
 )
+from sftbridge.planning.hardware import INSTANCES, PRICE_TABLE_DATE
+from sftbridge.planning.model_shapes import KNOWN_SHAPES, model_shapes
 
 LLAMA2_7B = KNOWN_SHAPES["meta-llama/llama-2-7b-chat-hf"]
 # A skewed mix like instruction data: many short examples, a few long ones (tokens, trained tokens).
@@ -89,7 +89,7 @@ def test_activation_model_matches_what_autograd_saves(masked: bool, dropout: flo
     from transformers import AutoModelForCausalLM
 
     from sftbridge.config import ModelSection
-    from sftbridge.modeling import model_path
+    from sftbridge.training.modeling import model_path
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = AutoModelForCausalLM.from_pretrained(model_path(ModelSection()), dtype=torch.float32)

@@ -21,8 +21,8 @@ import pytest
 from conftest import FAKE_TOKEN, ROOT
 from conftest import run_cli as sftbridge
 from sftbridge.archive import safe_extract
-from sftbridge.backends import sagemaker_hparams as hp
-from sftbridge.backends.sagemaker_plan import make_plan
+from sftbridge.backends.sagemaker import hyperparameters as hp
+from sftbridge.backends.sagemaker.spec import make_plan
 from sftbridge.config import RunConfig, load_config
 from sftbridge.errors import ConfigError, RunDirError, UserError
 
@@ -99,7 +99,7 @@ def seed_config(*overrides: str) -> RunConfig:
 
 
 def submit(recorder: Recorder, *overrides: str) -> Any:
-    from sftbridge.backends.sagemaker import SageMakerBackend
+    from sftbridge.backends.sagemaker.backend import SageMakerBackend
 
     backend = SageMakerBackend(boto_session=recorder.session)
     return backend.submit(seed_config(*overrides), config_path=str(SEED_JOB), overrides=[], run_dir=None)
@@ -126,7 +126,7 @@ def toolkit_args(hyperparameters: dict[str, str], *, v2: bool = False) -> list[s
 
 
 def rebuilt(args: list[str]) -> RunConfig:
-    from sftbridge.train import parse_args
+    from sftbridge.training.train import parse_args
 
     return load_config(None, parse_args(args)[1])
 
@@ -206,7 +206,7 @@ def test_multi_gpu_or_several_instances_use_torchrun() -> None:
 
 
 def test_submit_sends_the_planned_request(aws: None) -> None:
-    from sftbridge.backends.sagemaker import SageMakerBackend
+    from sftbridge.backends.sagemaker.backend import SageMakerBackend
 
     recorder = Recorder()
     job = submit(recorder)
@@ -259,7 +259,10 @@ def test_submit_sends_the_planned_request(aws: None) -> None:
     assert s3_get(f"{root}/input/train/train.jsonl") == (ROOT / "data/sciq-sample/train.jsonl").read_bytes()
     assert s3_get(f"{root}/input/test/test.jsonl") == (ROOT / "data/sciq-sample/test.jsonl").read_bytes()
     assert s3_get(f"{root}/input/code/train.py") == (ROOT / "scripts/train.py").read_bytes()
-    assert s3_get(f"{root}/input/code/sftbridge/train.py") == (ROOT / "src/sftbridge/train.py").read_bytes()
+    assert (
+        s3_get(f"{root}/input/code/sftbridge/training/train.py")
+        == (ROOT / "src/sftbridge/training/train.py").read_bytes()
+    )
     requirements = s3_get(f"{root}/input/code/requirements.txt").decode().split()
     assert "transformers>=5.24.0" in requirements and "trl>=1.16.0" in requirements
     assert not [line for line in requirements if line.startswith("torch")]
@@ -277,7 +280,7 @@ V2_SUBMIT = """
 import json, sys
 import boto3
 from moto import mock_aws
-from sftbridge.backends.sagemaker import SageMakerBackend, sdk_version
+from sftbridge.backends.sagemaker.backend import SageMakerBackend, sdk_version
 from sftbridge.config import load_config
 
 with mock_aws():
@@ -370,7 +373,7 @@ def test_passing_hf_token_in_the_environment_is_an_explicit_opt_in(
     assert sent["Environment"]["HF_TOKEN"] == FAKE_TOKEN
     assert FAKE_TOKEN not in json.dumps(sent["HyperParameters"])
     assert "DescribeTrainingJob" in caplog.text and "HF_TOKEN" in caplog.text  # the warning
-    from sftbridge.backends.sagemaker import SageMakerBackend
+    from sftbridge.backends.sagemaker.backend import SageMakerBackend
 
     printed = SageMakerBackend(boto_session=recorder.session).dry_run(
         seed_config("backend.pass_hf_token=true"), config_path=None, overrides=[]
@@ -467,7 +470,7 @@ def test_logs_come_from_the_jobs_cloudwatch_streams(aws: None) -> None:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real run (the tiny model, 3 steps on the sample data) as the script writes it into SM_MODEL_DIR in a
     job, where the data paths are inside the input channels."""
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # tiny-cpu.yaml names the sample data relative to the checkout
@@ -500,7 +503,7 @@ def tar_gz(folder: Path) -> bytes:
 def test_fetch_builds_a_run_directory_like_a_local_one(
     aws: None, model_dir: Path, tmp_path: Path, compressed: bool
 ) -> None:
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
 
     job = submit(Recorder(), f"backend.disable_output_compression={str(not compressed).lower()}")
     output = model_dir

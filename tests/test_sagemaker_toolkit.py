@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, SAMPLE_TEST
-from sftbridge.backends import sagemaker_hparams as hp
-from sftbridge.backends.sagemaker_plan import CODE_CHANNEL, make_plan
-from sftbridge.backends.sagemaker_source import stage_source
+from sftbridge.backends.sagemaker import hyperparameters as hp
+from sftbridge.backends.sagemaker.source import stage_source
+from sftbridge.backends.sagemaker.spec import CODE_CHANNEL, make_plan
 from sftbridge.runs import CHECKPOINT_COMPLETE, load_manifest
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"

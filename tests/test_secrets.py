@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from sftbridge.aws.secrets import export_hf_token
 from sftbridge.errors import ConfigError
-from sftbridge.secrets import export_hf_token
 
 moto = pytest.importorskip("moto")
 

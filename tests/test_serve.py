@@ -36,13 +36,13 @@ def _hub_client_may_reach_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def predictor(trained_run: Path) -> Any:
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
 
     return Predictor.from_run(trained_run, device="cpu")
 
 
 def start(predictor: Any, **settings: Any) -> Any:
-    from sftbridge.serve import ServeSettings, make_server
+    from sftbridge.serving.server import ServeSettings, make_server
 
     server = make_server(predictor, ServeSettings(port=0, **settings), source="tiny-run")
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -97,7 +97,7 @@ def client(server: Any) -> Any:
 
 
 def test_binds_loopback_by_default_and_answers_ping_and_info(server: Any, predictor: Any) -> None:
-    from sftbridge.serve import ServeSettings
+    from sftbridge.serving.server import ServeSettings
 
     assert ServeSettings().host == "127.0.0.1"
     assert server.server_address[0] == "127.0.0.1"
@@ -316,8 +316,8 @@ def test_a_burst_of_32_is_answered_or_cleanly_refused(predictor: Any, expected: 
 def test_the_model_is_taken_in_turn_in_arrival_order() -> None:
     import time
 
-    from sftbridge.serve import FairLock
-    from sftbridge.serve_api import RequestError
+    from sftbridge.serving.server import FairLock
+    from sftbridge.serving.wire import RequestError
 
     lock = FairLock(max_waiting=2)
     lock.acquire(timeout=1)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from sftbridge.formatting import IGNORE_INDEX
+from sftbridge.data.formatting import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,9 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     """The sample Q/A rows encoded by our pipeline, as train.py hands them to TRL."""
     from conftest import SAMPLE_TRAIN
     from sftbridge.config import load_config
-    from sftbridge.data import encode_split, load_data
-    from sftbridge.formatting import resolve_chat_format
-    from sftbridge.modeling import load_tokenizer
+    from sftbridge.data.formatting import resolve_chat_format
+    from sftbridge.data.loading import encode_split, load_data
+    from sftbridge.training.modeling import load_tokenizer
 
     config = load_config(None, [f"data.train_file={SAMPLE_TRAIN}", "data.validation_split_ratio=0"])
     data = load_data(config.data, eval_strategy="no", with_test=False)
@@ -40,7 +40,7 @@ def make_trainer(encoded: list[Any], trainer_class: Any = None, **options: Any) 
     from trl import SFTConfig, SFTTrainer
 
     from sftbridge.config import ModelSection, load_config
-    from sftbridge.modeling import load_model, load_tokenizer, lora_config
+    from sftbridge.training.modeling import load_model, load_tokenizer, lora_config
 
     set_seed(0)
     config = load_config(None, ["data.train_file=x.jsonl", "lora.dropout=0", "lora.r=8"])
@@ -142,7 +142,7 @@ def test_group_by_length_batches_similar_lengths(encoded: list[Any], plain: Any)
 
 
 def test_train_accepts_padding_free(tiny_config: Any, tmp_path: Any) -> None:
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     run = train(tiny_config(train__padding_free=True, train__max_steps=1), tmp_path / "run")
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -151,7 +151,7 @@ def test_train_accepts_padding_free(tiny_config: Any, tmp_path: Any) -> None:
 def losses_of_a_run(config: Any, run_dir: Any) -> list[float]:
     import json
 
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     run = train(config, run_dir)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -177,7 +177,7 @@ def test_option_keeps_the_training_losses(tiny_config: Any, tmp_path: Any, optio
 
 def test_length_grouped_order_is_fixed_by_seed_and_epoch(encoded: list[Any]) -> None:
     """Same (seed, epoch), same batches, whatever the global RNG did before: what resuming relies on."""
-    from sftbridge.trainer import EpochSeededLengthGroupedSampler, SafeSFTTrainer
+    from sftbridge.training.trainer import EpochSeededLengthGroupedSampler, SafeSFTTrainer
 
     lengths = [len(e.input_ids) for e in encoded]
     first = EpochSeededLengthGroupedSampler(8, lengths, seed=42)

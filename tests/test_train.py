@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import FAKE_TOKEN, ROOT, SAMPLE_TRAIN
 from sftbridge.config import ModelSection
-from sftbridge.modeling import model_path
 from sftbridge.runs import COMPLETE, load_manifest
+from sftbridge.training.modeling import model_path
 
 RUN_FILES = {"COMPLETE", "adapter", "config.yaml", "metrics.jsonl", "sftbridge.json"}
 
@@ -51,7 +51,7 @@ def test_lora_weights_trained_and_base_untouched(trained_run: Path) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
 
     predictor = Predictor.from_run(trained_run, device="cpu")
     base = AutoModelForCausalLM.from_pretrained(model_path(ModelSection()))
@@ -63,7 +63,7 @@ def test_lora_weights_trained_and_base_untouched(trained_run: Path) -> None:
 
 
 def test_adapter_reload_gives_identical_logits(trained_run: Path) -> None:
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
 
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
     first, second = Predictor.from_run(trained_run), Predictor.from_run(trained_run)
@@ -72,8 +72,8 @@ def test_adapter_reload_gives_identical_logits(trained_run: Path) -> None:
 
 
 def test_memorises_training_answers_and_base_does_not(trained_run: Path) -> None:
-    from sftbridge.evaluate import evaluate, load_cases
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.evaluate import evaluate, load_cases
+    from sftbridge.inference.predictor import Predictor
 
     predictor = Predictor.from_run(trained_run)
     result = evaluate(predictor, load_cases(SAMPLE_TRAIN, predictor)[:120])
@@ -128,7 +128,7 @@ def test_run_trained_with_flash_attention_loads_on_the_cpu(trained_run: Path, tm
     """A run trained on a GPU with FlashAttention is still usable where it cannot run: generate with sdpa."""
     import shutil
 
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
     from sftbridge.runs import MANIFEST
 
     copy = tmp_path / "gpu-run"
@@ -143,7 +143,7 @@ def test_run_trained_with_flash_attention_loads_on_the_cpu(trained_run: Path, tm
 
 def test_failed_validation_creates_nothing(tiny_config: Any, tmp_path: Path) -> None:
     from sftbridge.errors import DataError
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q?"}\n')
@@ -154,14 +154,14 @@ def test_failed_validation_creates_nothing(tiny_config: Any, tmp_path: Path) -> 
 
 def test_qlora_4bit_trains_on_cpu(tiny_config: Any, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    from sftbridge.train import train
+    from sftbridge.training.train import train
 
     run = train(tiny_config(model__load_in_4bit=True, train__epochs=3), tmp_path / "qlora")
     manifest = load_manifest(run)
     assert manifest["base_model"]["load_in_4bit"] is True
     values = losses(run)
     assert values[-1] < values[0]
-    from sftbridge.inference import Predictor
+    from sftbridge.inference.predictor import Predictor
 
     predictor = Predictor.from_run(run)
     assert "Linear4bit" in {type(m).__name__ for m in predictor.model.modules()}

@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "sftbridge.backends"
 # name -> "module:Class"; imported on use, so a backend's SDK is only imported when it is picked.
 BUILTIN_BACKENDS = {
     "local": "sftbridge.backends.local:LocalBackend",
-    "sagemaker": "sftbridge.backends.sagemaker:SageMakerBackend",
+    "sagemaker": "sftbridge.backends.sagemaker.backend:SageMakerBackend",
 }
 
 

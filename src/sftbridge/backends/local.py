@@ -61,10 +61,10 @@ class LocalBackend:
                 "--standalone",
                 f"--nproc_per_node={config.backend.num_processes}",
                 "-m",
-                "sftbridge.train",
+                "sftbridge.training.train",
             ]
         else:
-            launcher = [sys.executable, "-m", "sftbridge.train"]
+            launcher = [sys.executable, "-m", "sftbridge.training.train"]
         config_args = ["--config", config_path] if config_path else []
         return [*launcher, *config_args, "--run-dir", str(run_dir), *overrides]
 

@@ -1,0 +1,83 @@
+"""The source directory a SageMaker job runs: ``scripts/train.py`` unchanged, the ``sftbridge`` package (laid
+out as in the wheel, with its sample data) and ``requirements.txt``. Nothing in it depends on the job; the
+config travels as hyperparameters (and, only when those cannot hold it, as the user's own config file).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import sftbridge
+from sftbridge.backends.sagemaker.spec import ENTRY_SCRIPT, Channel
+from sftbridge.errors import ConfigError
+from sftbridge.training.tiny_model import sample_data_dir
+
+PACKAGE_DIR = Path(sftbridge.__file__).resolve().parent
+# The image brings a CUDA build of torch; a torch requirement here would replace it with a PyPI build.
+IMAGE_PROVIDES = {"torch"}
+SHIPPED_EXTRAS = {"qlora"}
+
+
+def entry_script() -> Path:
+    """``scripts/train.py``: the copy inside an installed wheel, or that of the source checkout."""
+    candidates = (PACKAGE_DIR / "_scripts" / ENTRY_SCRIPT, PACKAGE_DIR.parents[1] / "scripts" / ENTRY_SCRIPT)
+    script = next((path for path in candidates if path.is_file()), None)
+    if script is None:
+        raise ConfigError(
+            f"backend sagemaker ships scripts/{ENTRY_SCRIPT}, and this installation has none (looked at "
+            f"{', '.join(map(str, candidates))}); reinstall sftbridge (pip install -e . in a checkout)"
+        )
+    return script
+
+
+def requirements() -> list[str]:
+    """sftbridge's own requirements (and the QLoRA extra) less what the training image provides."""
+    from packaging.requirements import Requirement
+
+    try:
+        declared = metadata.requires("sftbridge") or []
+    except metadata.PackageNotFoundError:
+        raise ConfigError(
+            "backend sagemaker: install sftbridge (pip install -e .) to ship its requirements"
+        ) from None
+    lines = []
+    for text in declared:
+        requirement = Requirement(text)
+        marker = requirement.marker
+        wanted = marker is None or any(marker.evaluate({"extra": extra}) for extra in SHIPPED_EXTRAS)
+        if wanted and requirement.name not in IMAGE_PROVIDES:
+            requirement.marker = None
+            lines.append(str(requirement))
+    return sorted(lines)
+
+
+def stage_source(dest: Path, config_file: Path | None = None) -> Path:
+    """Write the source directory into ``dest`` (which must not exist); returns ``dest``."""
+    dest.mkdir(parents=True)
+    shutil.copy2(entry_script(), dest / ENTRY_SCRIPT)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "_sample_data", "_scripts")
+    shutil.copytree(PACKAGE_DIR, dest / "sftbridge", ignore=skip)
+    # As in the wheel: builtin:tiny-llama builds its tokenizer from the sample data.
+    shutil.copytree(sample_data_dir(), dest / "sftbridge" / "_sample_data")
+    (dest / "requirements.txt").write_text("\n".join(requirements()) + "\n", encoding="utf-8")
+    if config_file is not None:
+        (dest / "config").mkdir()
+        shutil.copy2(config_file, dest / "config" / config_file.name)
+    return dest
+
+
+def stage_channels(dest: Path, channels: list[Channel]) -> dict[str, Path]:
+    """One folder per local channel, holding links to its files (uploaded as they are, never copied)."""
+    folders = {}
+    for channel in channels:
+        if channel.s3_uri:
+            continue
+        folder = dest / channel.name
+        folder.mkdir(parents=True)
+        for path in channel.files:
+            os.symlink(path.resolve(), folder / path.name)
+        folders[channel.name] = folder
+    return folders

@@ -1,0 +1,252 @@
+"""What a SageMaker training job will be, worked out offline: what ``--dry-run`` prints and ``submit`` runs.
+
+No AWS call happens here; the backend (``sagemaker.py``) resolves the region and the image and does the
+calls. Everything a user can get wrong in the config is caught here, before anything is uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftbridge.backends.sagemaker import hyperparameters as hp
+from sftbridge.backends.sagemaker.instances import PRICE_TABLE_DATE, gpu_count, price_per_hour
+from sftbridge.config import RunConfig, load_config
+from sftbridge.data.loading import sha256_file
+from sftbridge.errors import ConfigError, DataError
+from sftbridge.runs import SECRET_ENV_VARS
+
+CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs this folder with CheckpointConfig.S3Uri
+CODE_CHANNEL = "code"
+# The toolkit in the Hugging Face image copies this folder to /opt/ml/code and runs the entry script there.
+SUBMIT_DIRECTORY = f"/opt/ml/input/data/{CODE_CHANNEL}"
+ENTRY_SCRIPT = "train.py"
+SPLIT_CHANNELS = {"train_file": "train", "validation_file": "validation", "test_file": "test"}
+ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class Channel:
+    """One input channel: local files to upload, or an S3 URI used as it is."""
+
+    name: str
+    source: str  # as the config names it
+    files: list[Path] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # local path -> digest
+
+    @property
+    def s3_uri(self) -> str | None:
+        return self.source if self.source.startswith("s3://") else None
+
+
+@dataclass
+class JobPlan:
+    config: RunConfig  # as submitted, with train.checkpoint_dir pointing at CHECKPOINT_DIR
+    base_job_name: str
+    region: str
+    image: str
+    hyperparameters: dict[str, str]  # the config; the script reads these
+    reserved: dict[str, str]  # sagemaker_*: read by the toolkit in the image, never passed to the script
+    channels: list[Channel]
+    environment: dict[str, str]
+    torchrun: bool
+    config_file: Path | None = None  # shipped only when hyperparameters alone cannot carry the config
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def backend(self) -> Any:
+        return self.config.backend
+
+    @property
+    def max_run_seconds(self) -> int:
+        return round(self.backend.max_run_hours * 3600)
+
+    @property
+    def max_wait_seconds(self) -> int | None:
+        if not self.backend.use_spot:
+            return None
+        hours = self.backend.max_wait_hours or min(2 * self.backend.max_run_hours, 672.0)
+        return round(hours * 3600)
+
+    @property
+    def price_per_hour(self) -> float | None:
+        return price_per_hour(self.backend.instance_type, self.backend.instance_count)
+
+    def all_hyperparameters(self) -> dict[str, str]:
+        return {**self.hyperparameters, **self.reserved}
+
+
+def base_job_name(run_name: str) -> str:
+    """A training-job name stem: SageMaker allows [a-zA-Z0-9-] and 63 characters, 15 go to the timestamp."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", run_name)[:48].rstrip("-") or "sftbridge"
+
+
+def check_backend(config: RunConfig, region: str | None, instance_types: set[str] | None) -> None:
+    """The offline pre-flight checks, in the order a user fixes them; raises the first as a one-line error."""
+    backend = config.backend
+    if not region:
+        raise ConfigError(
+            "backend.region: no AWS region; set backend.region=us-east-1 (or AWS_DEFAULT_REGION, or a region "
+            "in ~/.aws/config)"
+        )
+    if not backend.role:
+        raise ConfigError(
+            "backend.role: no execution role; set backend.role=arn:aws:iam::<account>:role/<name> (a role "
+            "that SageMaker may assume, with access to the bucket)"
+        )
+    if not ROLE_ARN.match(backend.role):
+        raise ConfigError(
+            f"backend.role: {backend.role!r} is not a role ARN; write it in full, "
+            "arn:aws:iam::<12-digit account>:role/<name>"
+        )
+    if instance_types and backend.instance_type not in instance_types:
+        near = sorted(t for t in instance_types if t.split(".")[1:2] == backend.instance_type.split(".")[1:2])
+        hint = f" ({', '.join(near[:6])}...)" if near else " (e.g. ml.g5.2xlarge)"
+        raise ConfigError(
+            f"backend.instance_type: {backend.instance_type!r} is not a SageMaker training instance type; "
+            f"pick one SageMaker trains on{hint}"
+        )
+    bad_env = [name for name in backend.environment if not ENV_NAME.match(name)]
+    if bad_env:
+        raise ConfigError(f"backend.environment: {bad_env[0]!r} is not a valid environment variable name")
+
+
+def make_plan(config: RunConfig, *, config_path: str | None, region: str, image: str) -> JobPlan:
+    """The job for ``config``: hyperparameters, channels, environment. Raises ConfigError/DataError."""
+    notes: list[str] = []
+    if config.train.checkpoint_dir not in (None, CHECKPOINT_DIR):
+        notes.append(
+            f"train.checkpoint_dir {config.train.checkpoint_dir} becomes {CHECKPOINT_DIR} in the job"
+        )
+    job_config = config.model_copy(
+        update={"train": config.train.model_copy(update={"checkpoint_dir": CHECKPOINT_DIR})}
+    )
+    torchrun = config.backend.distribution == "torchrun" or (
+        config.backend.distribution == "auto"
+        and (config.backend.instance_count > 1 or gpu_count(config.backend.instance_type) > 1)
+    )
+    reserved = {
+        "sagemaker_program": ENTRY_SCRIPT,
+        "sagemaker_submit_directory": SUBMIT_DIRECTORY,
+        "sagemaker_container_log_level": "20",
+        "sagemaker_region": region,
+    }
+    if torchrun:  # read by the PyTorch layer of the Hugging Face image: it launches the script with torchrun
+        reserved.update(
+            sagemaker_torch_distributed_enabled="true", sagemaker_instance_type=config.backend.instance_type
+        )
+    hyperparameters, config_file = _hyperparameters(job_config, config_path, budget=100 - len(reserved))
+    if config_file is not None:
+        notes.append(f"the config is too long for hyperparameters alone: {config_file.name} is shipped too")
+    plan = JobPlan(
+        config=job_config,
+        base_job_name=base_job_name(config.run_name),
+        region=region,
+        image=image,
+        hyperparameters=hyperparameters,
+        reserved=reserved,
+        channels=_channels(config),
+        environment=_environment(config, notes),
+        torchrun=torchrun,
+        config_file=config_file,
+        notes=notes,
+    )
+    _refuse_secrets(plan)
+    _notes(plan)
+    return plan
+
+
+def _hyperparameters(
+    config: RunConfig, config_path: str | None, budget: int
+) -> tuple[dict[str, str], Path | None]:
+    """All of the config as hyperparameters; where they exceed the limits, the config file plus the diff."""
+    full = hp.to_hyperparameters(config)
+    problems = hp.problems(full, budget)
+    if not problems:
+        _check_round_trip(full, None, config)
+        return full, None
+    if config_path is not None:
+        file_config = load_config(config_path)
+        diff = hp.to_hyperparameters(config, base=file_config)
+        diff["config"] = f"config/{Path(config_path).name}"
+        if not hp.problems(diff, budget):
+            _check_round_trip(diff, config_path, config)
+            return diff, Path(config_path)
+    raise ConfigError(f"cannot pass the config as SageMaker hyperparameters: {'; '.join(problems)}")
+
+
+def _check_round_trip(hyperparameters: dict[str, str], config_file: str | None, config: RunConfig) -> None:
+    overrides = {k: v for k, v in hyperparameters.items() if k != "config"}
+    rebuilt = hp.round_trip(overrides, config_file)
+    differing = sorted(hp.diff(config.to_dict(), rebuilt.to_dict()))
+    if differing:  # a bug, not a user error: say which keys so it can be fixed
+        raise ConfigError(f"hyperparameters do not reproduce the config at {', '.join(differing)}")
+
+
+def _channels(config: RunConfig) -> list[Channel]:
+    channels = []
+    for key, name in SPLIT_CHANNELS.items():
+        source = getattr(config.data, key)
+        if not source:
+            continue
+        channel = Channel(name, source)
+        if not source.startswith("s3://"):
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"data.{key}: {source}: file not found")
+            channel.files.append(path)
+            template = path.parent / "template.json"
+            if name == "train" and config.data.template is None and template.is_file():
+                channel.files.append(template)  # the script looks for it beside the training file
+            channel.sha256 = {str(p): sha256_file(p) for p in channel.files}
+        channels.append(channel)
+    return channels
+
+
+def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
+    environment = {"SFTBRIDGE_BACKEND": "sagemaker", **config.backend.environment}
+    if config.backend.pass_hf_token:
+        token = os.environ.get("HF_TOKEN")
+        if not token:
+            raise ConfigError(
+                "backend.pass_hf_token: HF_TOKEN is not set here; set it, or use model.hf_token_secret"
+            )
+        environment["HF_TOKEN"] = token
+        notes.append(
+            "HF_TOKEN goes into the job's environment (backend.pass_hf_token): anyone who may call "
+            "DescribeTrainingJob in this account can read it; model.hf_token_secret avoids that"
+        )
+    return environment
+
+
+def _refuse_secrets(plan: JobPlan) -> None:
+    """No secret from this machine's environment may reach a hyperparameter or an environment variable."""
+    fields = {f"hyperparameter {k}": f"{k}={v}" for k, v in plan.all_hyperparameters().items()}
+    fields.update({f"backend.environment.{k}": v for k, v in plan.environment.items() if k != "HF_TOKEN"})
+    for name in SECRET_ENV_VARS:
+        secret = os.environ.get(name, "")
+        if len(secret) < 8:
+            continue
+        for where, text in fields.items():
+            if secret in text:
+                raise ConfigError(
+                    f"{where} contains the value of ${name}; secrets never go into a job request"
+                )
+
+
+def _notes(plan: JobPlan) -> None:
+    model = plan.config.model
+    from_hub = not model.name_or_path.startswith(("builtin:", "s3://", "/"))
+    if from_hub and not model.hf_token_secret and not plan.config.backend.pass_hf_token:
+        plan.notes.append(
+            f"{model.name_or_path} is downloaded inside the job without a token; for a gated model set "
+            "model.hf_token_secret=<Secrets Manager secret> (the role needs secretsmanager:GetSecretValue)"
+        )
+    if plan.price_per_hour is None:
+        plan.notes.append(
+            f"no price for {plan.backend.instance_type} in the price table ({PRICE_TABLE_DATE})"
+        )

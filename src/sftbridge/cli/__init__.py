@@ -1,0 +1,76 @@
+"""``sftbridge``: LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker.
+
+A command's module is imported only when that command runs (and heavy libraries only inside its function):
+``sftbridge --help`` imports argparse and this table, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+DESCRIPTION = "LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker."
+# command: (module with `add_arguments(command, parser)`, one-line help)
+COMMANDS = {
+    "train": ("sftbridge.cli.train", "fine-tune from a YAML config"),
+    "preview": ("sftbridge.cli.train", "show training examples exactly as the model sees them"),
+    "generate": ("sftbridge.cli.inference", "answer a question with a trained run"),
+    "eval": ("sftbridge.cli.inference", "adapter vs. base model on a test file"),
+    "serve": (
+        "sftbridge.cli.serving",
+        "local HTTP endpoint speaking SageMaker's and TGI's API (a run or a merged folder)",
+    ),
+    "merge": ("sftbridge.cli.serving", "fold the adapter into the base: plain safetensors + tokenizer"),
+    "deploy": ("sftbridge.cli.serving", "a SageMaker real-time endpoint (Hugging Face LLM/TGI image)"),
+    "invoke": ("sftbridge.cli.serving", "ask a deployed endpoint a question (the run's template)"),
+    "undeploy": ("sftbridge.cli.serving", "delete an endpoint, its endpoint config and its model"),
+    "reproduce": ("sftbridge.cli.reproduce", "train again from a run's manifest and compare"),
+    "status": ("sftbridge.cli.jobs", "state, elapsed and billable time, failure reason of a job"),
+    "logs": ("sftbridge.cli.jobs", "a job's log (CloudWatch for SageMaker)"),
+    "fetch": ("sftbridge.cli.jobs", "download a finished job's output into a local run directory"),
+    "plan": ("sftbridge.cli.plan", "predict peak memory, tokens per step, time per epoch and cost of a run"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=_command_in(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        # `train CONFIG --dry-run lora.r=8`: argparse ends a nargs="*" positional at the first option, so
+        # KEY=VALUE overrides after an option come back unparsed; they are overrides all the same.
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    import logging
+
+    from sftbridge.errors import UserError
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with ``only``, every other command is listed with its help line but gets no arguments
+    (defining all ~90 arguments was most of the time of ``sftbridge --help``)."""
+    parser = argparse.ArgumentParser(prog="sftbridge", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_line) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_line, description=help_line)
+        if only is None or name == only:
+            importlib.import_module(module).add_arguments(name, command)
+    return parser
+
+
+def _command_in(argv: list[str]) -> str:
+    """The command argv names: its first word that is not an option (the top level has only flags)."""
+    return next((word for word in argv if not word.startswith("-")), "")
+

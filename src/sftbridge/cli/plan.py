@@ -1,0 +1,90 @@
+"""``sftbridge plan CONFIG [--gpu NAME | --instance-type TYPE] [--json]``: the command and its report.
+
+The arithmetic lives in ``sftbridge.planning.estimate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from sftbridge.planning.estimate import GB, SAGEMAKER_OVERHEAD_HOURS, Plan, make_plan
+from sftbridge.planning.hardware import GPUS, PRICE_TABLE_DATE
+
+if TYPE_CHECKING:  # annotations only: pydantic loads with the config, in cmd_plan
+    from sftbridge.config import RunConfig
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/llama2-7b-chat-qlora.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.per_device_batch_size=8"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--gpu", help=f"the GPU to check against: {', '.join(GPUS)}")
+    where.add_argument(
+        "--instance-type", help="a SageMaker instance type, e.g. ml.g5.2xlarge (adds the cost)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sftbridge.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    plan = make_plan(config, gpu=args.gpu, instance_type=args.instance_type)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, config))
+    return 0  # a run that will not fit is a warning, not an error: the plan itself succeeded
+
+
+def render(plan: Plan, config: RunConfig) -> str:
+    m, t, d, s = plan.memory, plan.throughput, plan.data, plan.shapes
+    gc = config.train.gradient_checkpointing
+    lines = [
+        f"model     {plan.model}: {s.total_params / 1e9:.3g}B parameters, {s.num_layers} layers, hidden "
+        f"{s.hidden_size} ({s.source})",
+        f"data      {d['examples']} examples, {d['tokens']} tokens ({d['source']}): mean {d['mean']}, p50 "
+        f"{d['p50']}, p90 {d['p90']}, p99 {d['p99']}, max {d['max']} tokens; {d['trained_tokens']} in the "
+        "loss",
+        f"target    {plan.target.describe()}",
+        "memory    (GB = 10^9 bytes)",
+        f"  base weights, {m.weight_bits}-bit{' nf4 + double quant' if m.weight_bits == 4 else ''}"
+        f"{_gb(m.weights)}",
+        f"  LoRA: {m.lora_params / 1e6:.2f}M params + grads + AdamW moments{_gb(m.lora_state)}",
+        f"  activations, checkpointing {'on' if gc else 'off'}{_gb(m.activations)}   "
+        f"(off{_gb(m.activations_without_checkpointing)}, on{_gb(m.activations_with_checkpointing)})",
+        f"  LM head (fused, chunked log-probs){_gb(m.lm_head)}",
+        f"  {'CUDA context' if plan.target.kind != 'cpu' else 'Python + libraries'}{_gb(m.runtime)}",
+        f"  peak {'reserved (torch)' if plan.target.kind != 'cpu' else 'allocated'}{_gb(m.peak_reserved)}",
+        f"  peak total{_gb(m.peak_total)}",
+        f"tokens    {t.tokens_per_step:,.0f} per optimizer step ({t.trained_tokens_per_step:,.0f} non-pad, "
+        f"{t.non_pad_share:.0%}); {t.steps_per_epoch} steps per epoch",
+        f"compute   {t.flops_per_token / 1e9:.3g} GFLOP per token (4N) + "
+        f"{t.attention_flops_per_token / 1e9:.3g} for attention",
+    ]
+    if t.seconds_per_epoch is not None and t.mfu_assumed is not None and plan.target.gpu is not None:
+        lines.append(
+            f"time      {t.seconds_per_epoch / 60:.1f} min per epoch, {t.training_hours or 0:.2f} h in all, "
+            f"at an assumed {t.mfu_assumed:.0%} MFU of {plan.target.gpu.bf16_tflops:g} TFLOPS bf16 per GPU"
+        )
+    if plan.cost is not None:
+        c = plan.cost
+        lines.append(
+            f"cost      ${c.usd:.2f} = {c.billed_hours:.2f} h x ${c.price_per_hour}/h x {c.instances} "
+            f"({c.instance_type}, {c.note}, prices of {c.price_table_date}; the hours include "
+            f"{SAGEMAKER_OVERHEAD_HOURS * 60:.0f} min of download and load)"
+            + ("; spot is billed at the spot price, often 60-70% less" if c.spot else "")
+        )
+    elif plan.target.instance_type:
+        lines.append(f"cost      no price for {plan.target.instance_type} in the table of {PRICE_TABLE_DATE}")
+    if plan.fits is not None:
+        lines.append(f"fits      {'yes' if plan.fits else 'NO'}")
+    lines += [f"note      {note}" for note in plan.notes]
+    lines += [f"WARNING: {warning}" for warning in plan.warnings]
+    return "\n".join(lines)
+
+
+def _gb(value: float) -> str:
+    return f": {value / GB:.2f} GB" if value >= 0.1 * GB else f": {value / 1e6:.1f} MB"

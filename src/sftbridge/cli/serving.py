@@ -1,0 +1,211 @@
+"""Commands that put a run behind an endpoint: ``serve``, ``merge``, ``deploy``, ``invoke``, ``undeploy``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from sftbridge.errors import UserError
+from sftbridge.serving import defaults
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {value})")
+    return value
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "serve":
+        parser.add_argument("run", type=Path, help="run directory, or a folder written by `sftbridge merge`")
+        parser.add_argument(
+            "--host",
+            default=defaults.HOST,
+            help="address to bind (default 127.0.0.1; the server has no auth)",
+        )
+        parser.add_argument(
+            "--port", type=int, default=defaults.PORT, help="port (default 8080; 0 = any free)"
+        )
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        parser.add_argument(
+            "--max-new-tokens-cap",
+            type=_positive,
+            default=defaults.MAX_NEW_TOKENS_CAP,
+            help=f"largest max_new_tokens a request may ask for (default {defaults.MAX_NEW_TOKENS_CAP})",
+        )
+        parser.add_argument(
+            "--max-queue",
+            type=_positive,
+            default=defaults.MAX_QUEUE,
+            help=f"requests that may wait for the model; more get 429 (default {defaults.MAX_QUEUE})",
+        )
+        parser.add_argument("--max-body-bytes", type=_positive, default=defaults.MAX_BODY_BYTES)
+        parser.set_defaults(func=cmd_serve)
+    elif command == "merge":
+        parser.add_argument("run", type=Path, help="run directory")
+        parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
+        )
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+        parser.set_defaults(func=cmd_merge)
+    elif command == "deploy":
+        parser.add_argument("run", type=Path, help="run directory (merged on the way) or a merged folder")
+        parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
+        parser.add_argument(
+            "--instance-type", default=defaults.INSTANCE_TYPE, help=f"default {defaults.INSTANCE_TYPE}"
+        )
+        parser.add_argument("--instance-count", type=_positive, default=1)
+        parser.add_argument("--role", help="SageMaker execution role ARN (default: the run's backend.role)")
+        parser.add_argument(
+            "--bucket", help="S3 bucket (default: the run's backend.bucket, else sagemaker-REGION-ACCOUNT)"
+        )
+        parser.add_argument(
+            "--prefix", default=defaults.S3_PREFIX, help=f"S3 key prefix (default {defaults.S3_PREFIX})"
+        )
+        parser.add_argument(
+            "--region", help="AWS region (default: the run's backend.region, else AWS_DEFAULT_REGION)"
+        )
+        parser.add_argument(
+            "--name", help="endpoint, endpoint config and model name (default sftbridge-RUN-TIME)"
+        )
+        parser.add_argument(
+            "--tgi-version", help="Hugging Face LLM image version (default: newest the SDK lists)"
+        )
+        parser.add_argument(
+            "--dtype",
+            choices=["bfloat16", "float16"],
+            help="merged weights (default: bf16; fp16 on pre-Ampere)",
+        )
+        parser.add_argument(
+            "--no-wait", action="store_true", help="return once the endpoint is being created"
+        )
+        parser.set_defaults(func=cmd_deploy)
+    elif command == "invoke":
+        parser.add_argument("endpoint")
+        parser.add_argument("question")
+        parser.add_argument("--region")
+        parser.add_argument(
+            "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
+        )
+        parser.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
+        parser.add_argument("--max-new-tokens", type=_positive)
+        parser.add_argument(
+            "--temperature", type=float, help="sample at this temperature (default: the run's)"
+        )
+        parser.add_argument("--top-p", type=float)
+        parser.add_argument("--json", action="store_true", help="print the request and the whole response")
+        parser.set_defaults(func=cmd_invoke)
+    elif command == "undeploy":
+        parser.add_argument("endpoint")
+        parser.add_argument("--region")
+        parser.set_defaults(func=cmd_undeploy)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from sftbridge.serving.server import ServeSettings, load_predictor, make_server
+
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+    )
+    predictor = load_predictor(args.run, device=args.device)
+    try:
+        server = make_server(predictor, settings, source=str(args.run))
+    except OSError as exc:
+        raise UserError(
+            f"--host {args.host} --port {args.port}: cannot listen ({exc}); try --port 0"
+        ) from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger(__name__).warning(
+            "listening on %s: reachable from other machines, and the server has no authentication", args.host
+        )
+    # SageMaker and process managers stop a container with SIGTERM: shut down as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(
+        f"serving {args.run} on {server.url} "
+        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sftbridge.inference.merge import merge_run
+
+    out = merge_run(
+        args.run, args.out, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size
+    )
+    print(f"merged model: {out}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from sftbridge.serving.deploy import deploy
+
+    result = deploy(
+        args.run,
+        name=args.name,
+        instance_type=args.instance_type,
+        instance_count=args.instance_count,
+        role=args.role,
+        bucket=args.bucket,
+        region=args.region,
+        prefix=args.prefix,
+        tgi_version=args.tgi_version,
+        dtype=args.dtype,
+        wait=not args.no_wait,
+    )
+    print(
+        f"endpoint {result['endpoint']}: {result['status']} ({result['instance_type']}, {result['region']})"
+    )
+    print(f"image {result['image']}")
+    print(f"model {result['model_data']}")
+    print(f'ask it: sftbridge invoke {result["endpoint"]} "your question"')
+    return 0
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    from sftbridge.serving.deploy import invoke
+
+    request, answer = invoke(
+        args.endpoint,
+        args.question,
+        region=args.region,
+        run=args.run,
+        raw=args.raw,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    if args.json:
+        print(json.dumps({"request": request, "response": answer}, indent=2, ensure_ascii=False))
+    else:
+        print(str(answer.get("generated_text", answer) if isinstance(answer, dict) else answer).strip())
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from sftbridge.serving.deploy import undeploy
+
+    for item in undeploy(args.endpoint, region=args.region):
+        print(f"deleted {item}")
+    return 0

@@ -1,0 +1,152 @@
+"""``sftbridge train`` and ``sftbridge preview``: a config in, a run (or what it would train on) out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained span in `preview`
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "train":
+        parser.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
+        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 lora.r=16")
+        parser.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
+        parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker)"
+        )
+        parser.add_argument(
+            "--detach",
+            action="store_true",
+            help="submit and return; follow with status/logs/fetch (sagemaker)",
+        )
+        parser.add_argument(
+            "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
+        )
+        parser.set_defaults(func=cmd_train)
+    elif command == "preview":
+        parser.add_argument("config")
+        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        parser.add_argument("--n", type=int, default=3, help="number of examples (default 3)")
+        parser.add_argument(
+            "--json", action="store_true", help="one JSON object per example: text, input_ids, labels"
+        )
+        parser.set_defaults(func=cmd_preview)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sftbridge.backends import get_backend
+    from sftbridge.config import load_config
+    from sftbridge.data.loading import load_data
+
+    overrides = list(args.overrides)
+    if args.backend:
+        overrides.append(f"backend.name={args.backend}")
+    config = load_config(args.config, overrides)
+    # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
+    data_files = (config.data.train_file, config.data.validation_file, config.data.test_file)
+    if not any(str(path).startswith("s3://") for path in data_files):
+        load_data(config.data, eval_strategy=config.train.eval_strategy)
+    run_dir = args.resume or args.run_dir
+    if args.resume:
+        check_resumable(config, args.resume)
+    backend = get_backend(config.backend.name)
+    if args.dry_run or args.detach:
+        return _remote_only(args, backend, config, overrides)
+    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=run_dir)
+    print(f"job {job.id} ({backend.name})", flush=True)
+    console_url = getattr(job, "console_url", None)  # a remote job: where to watch it
+    if console_url:
+        print(console_url, flush=True)
+    code = job.wait()
+    if code != 0:
+        print(f"error: training failed ({job.status()})", file=sys.stderr)
+        return code
+    print(f"run directory: {job.fetch()}")
+    return 0
+
+
+def check_resumable(config: Any, run_dir: Path) -> None:
+    from sftbridge.errors import RunDirError
+    from sftbridge.runs import checkpoint_dir_for, is_complete, latest_checkpoint
+
+    if is_complete(run_dir):
+        raise RunDirError(f"{run_dir}: this run already finished; nothing to resume")
+    folder = Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
+    if latest_checkpoint(folder) is None:
+        raise RunDirError(f"--resume {run_dir}: no complete checkpoint in {folder}; start a new run instead")
+
+
+def _remote_only(args: argparse.Namespace, backend: Any, config: Any, overrides: list[str]) -> int:
+    """``train --dry-run`` (print the request) and ``train --detach`` (submit, don't wait)."""
+    from sftbridge.errors import ConfigError
+
+    if args.dry_run:
+        if not hasattr(backend, "dry_run"):
+            raise ConfigError(f"--dry-run: backend {backend.name!r} has no dry run")
+        print(backend.dry_run(config, config_path=args.config, overrides=overrides))
+        return 0
+    if backend.name == "local":
+        raise ConfigError("--detach: the local backend trains in the foreground; drop --detach")
+    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=args.run_dir)
+    print(f"job {job.id} ({backend.name})")
+    if getattr(job, "console_url", None):
+        print(job.console_url)
+    print(f"follow it: sftbridge status {job.id} / sftbridge logs {job.id} -f / sftbridge fetch {job.id}")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from sftbridge.config import load_config
+    from sftbridge.data.formatting import resolve_chat_format
+    from sftbridge.data.loading import encode_split, load_data
+    from sftbridge.training.modeling import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
+    tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
+    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
+    prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
+    records = data.train[: args.n]
+    encoded, _ = encode_split(
+        records, prompt_format, tokenizer, config.data.max_length, config.data.over_length
+    )
+    for record, item in zip(records, encoded, strict=False):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "where": record.where,
+                        "text": item.text,
+                        "input_ids": item.input_ids,
+                        "labels": item.labels,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+            continue
+        trained = sum(label >= 0 for label in item.labels)
+        print(
+            f"── {record.where} · {len(item.input_ids)} tokens, {trained} trained "
+            f"({prompt_format.format}, {chat_format}) ──"
+        )
+        print(mark_spans(item.text, item.trained_spans))
+    if not args.json:
+        print(
+            f"\n{MARK_OPEN}…{MARK_CLOSE} marks the tokens the loss is computed on; the rest is context only."
+        )
+    return 0
+
+
+def mark_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    out, cursor = [], 0
+    for start, end in spans:
+        out += [text[cursor:start], MARK_OPEN, text[start:end], MARK_CLOSE]
+        cursor = end
+    out.append(text[cursor:])
+    return "".join(out)

@@ -1,0 +1,146 @@
+"""``sftbridge merge RUN --out DIR``: fold a run's LoRA adapter into its base (PEFT ``merge_and_unload``).
+
+The output is a plain Hugging Face model folder (safetensors shards, config, generation config, tokenizer
+with its chat template) that any server loads without PEFT (TGI on SageMaker, vLLM, ``sftbridge serve``),
+plus ``sftbridge.json``: a small manifest with the run's prompt format and generation defaults, so the folder
+is still served and prompted with the template the adapter was trained on.
+
+Memory: the base is loaded unquantized, also for a QLoRA run (a 4-bit weight cannot absorb the LoRA delta),
+at 2 bytes per parameter in bf16/fp16 (Llama-2-7B: ~13.5 GB) or 4 in fp32, the default on the CPU (~27 GB;
+pass ``--dtype bfloat16`` to halve it), plus the adapter (megabytes). The merge happens in place and saving
+writes one shard at a time, so the peak is about the model's size. A QLoRA adapter was trained against the
+4-bit base: the merged 16-bit model answers close to, not bit-identically with, the 4-bit base + adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sftbridge.errors import RunDirError, UserError
+from sftbridge.runs import ADAPTER, MANIFEST, library_versions, load_manifest, redact
+
+log = logging.getLogger(__name__)
+
+MERGED_KIND = "merged"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def merge_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Merge a run's adapter into its (unquantized) base and save the result to ``out_dir``.
+
+    Args:
+        run_dir: a finished run directory.
+        out_dir: where the merged model goes; must not exist or be empty.
+        dtype: weights dtype; auto = fp32 on the CPU, the run's 16-bit precision on a GPU.
+        device: where the merge runs (auto = cuda when available).
+        max_shard_size: largest safetensors file, e.g. "5GB" (the Hugging Face Hub's usual size).
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from sftbridge.config import RunConfig
+    from sftbridge.training.modeling import load_model, resolve_device, resolve_precision, runnable_attention
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    manifest = load_manifest(run_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {out_dir}: already exists and is not empty; choose another folder")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    config = RunConfig.model_validate(manifest["config"])
+    if device != "auto":
+        config.train.device = device  # type: ignore[assignment]
+    target = resolve_device(config.train)
+    # QLoRA or not, the adapter is merged into full-precision weights: a 4-bit weight cannot take the delta.
+    model_cfg = runnable_attention(config.model, target).model_copy(update={"load_in_4bit": False})
+    if dtype != "auto":
+        model_cfg.dtype = dtype  # type: ignore[assignment]
+    base = load_model(model_cfg, target, resolve_precision(config.train, target))
+    if target == "cuda":
+        base = base.to("cuda")
+    model = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()
+    weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    log.info("merged %s into %s (%s)", run_dir / ADAPTER, config.model.name_or_path, weights_dtype)
+
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        AutoTokenizer.from_pretrained(run_dir / ADAPTER).save_pretrained(staging)
+        record = {
+            "kind": MERGED_KIND,
+            "manifest_version": 1,
+            "run_name": manifest.get("run_name"),
+            "source_run": str(run_dir.resolve()),
+            "base_model": manifest.get("base_model"),
+            "qlora": config.model.load_in_4bit,
+            "adapter": {
+                "r": config.lora.r,
+                "alpha": config.lora.alpha,
+                "target_modules": config.lora.target_modules,
+            },
+            "dtype": weights_dtype,
+            "prompt_format": manifest["prompt_format"],
+            "generation": manifest["generation"],
+            "merged_at": datetime.now(timezone.utc).isoformat(),
+            "versions": library_versions(),
+        }
+        (staging / MANIFEST).write_text(redact(json.dumps(record, indent=2)) + "\n", encoding="utf-8")
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty, checked above
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_merged_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of a folder written by :func:`merge_run`, or None if it is not one."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if manifest.get("kind") == MERGED_KIND else None
+
+
+def is_merged(path: str | Path) -> bool:
+    return read_merged_manifest(path) is not None
+
+
+def load_merged(path: str | Path, *, device: str = "auto") -> Any:
+    """A :class:`~sftbridge.inference.predictor.Predictor` over a merged folder (no adapter, so no
+    ``base_model()``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftbridge.config import TrainSection
+    from sftbridge.inference.predictor import Predictor
+    from sftbridge.training.modeling import resolve_device
+
+    manifest = read_merged_manifest(path)
+    if manifest is None:
+        raise RunDirError(f"{path}: not a merged model folder (no {MANIFEST} written by `sftbridge merge`)")
+    target = resolve_device(TrainSection.model_validate({"device": device}))
+    # 16-bit weights are upcast on the CPU, where half-precision matmuls are slow or missing.
+    dtype: Any = torch.float32 if target == "cpu" else "auto"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": target})
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Predictor.from_manifest(model, tokenizer, manifest)

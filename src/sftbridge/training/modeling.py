@@ -1,0 +1,175 @@
+"""Load the base model and tokenizer: hub id, local folder or built-in, in 16/32-bit or 4-bit (QLoRA)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Literal
+
+from sftbridge.config import ModelSection, TrainSection
+from sftbridge.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+# PEFT 0.21 reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates with a FutureWarning
+# on every adapter load (train, generate, eval, serve, merge). Nothing in it is for our users to act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+def model_path(cfg: ModelSection) -> str:
+    """Where ``from_pretrained`` loads from: a built-in model is built (once) and its folder returned."""
+    if cfg.name_or_path.startswith("builtin:"):
+        from sftbridge.training.tiny_model import resolve_builtin
+
+        return str(resolve_builtin(cfg.name_or_path))
+    return cfg.name_or_path
+
+
+def _load_error(name: str, exc: Exception) -> UserError:
+    hint = ""
+    if "/" in name and not os.path.exists(name):
+        hint = (
+            "; for a gated model (meta-llama/...) accept its licence on the Hugging Face Hub and set "
+            "HF_TOKEN in the environment; offline, point model.name_or_path at a local folder"
+        )
+    return UserError(f"model.name_or_path: cannot load {name!r}: {exc}{hint}")
+
+
+def load_tokenizer(cfg: ModelSection, *, local_only: bool = False) -> Any:
+    """The model's tokenizer; ``local_only``: from a folder or the Hugging Face cache, never the network."""
+    from transformers import AutoTokenizer
+
+    try:
+        # HF_TOKEN is read from the environment by huggingface_hub; it never passes through our config.
+        return AutoTokenizer.from_pretrained(
+            model_path(cfg),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local_only,
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg.name_or_path, exc) from exc
+
+
+# attn_implementation -> the module transformers imports for it
+FLASH_ATTENTION_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention(cfg: ModelSection, device: Device) -> None:
+    """Refuse a FlashAttention kernel this machine cannot run before anything loads (transformers would raise
+    an ImportError from deep inside ``from_pretrained``, after the run had started)."""
+    import importlib.util
+
+    name = cfg.attn_implementation or ""
+    module = FLASH_ATTENTION_MODULES.get(name)
+    if module is None:
+        return
+    if device != "cuda":
+        raise ConfigError(
+            f"model.attn_implementation={name}: FlashAttention runs on CUDA GPUs only; use sdpa (the "
+            "default) on this machine"
+        )
+    if importlib.util.find_spec(module) is None:
+        package = "flash-attn" if name == "flash_attention_2" else "flash-attn-3"
+        raise ConfigError(
+            f"model.attn_implementation={name}: the {package} package is not installed (pip install "
+            f"{package} --no-build-isolation, for an Ampere or newer GPU), or set "
+            "model.attn_implementation=sdpa"
+        )
+
+
+def runnable_attention(cfg: ModelSection, device: Device) -> ModelSection:
+    """For inference and merging: a run trained with FlashAttention on a GPU still loads on a machine that
+    cannot run it (the CPU), with sdpa, which computes the same attention."""
+    try:
+        check_attention(cfg, device)
+    except ConfigError as exc:
+        log.info("%s; loading with sdpa instead", exc)
+        return cfg.model_copy(update={"attn_implementation": "sdpa"})
+    return cfg
+
+
+def resolve_device(train: TrainSection) -> Device:
+    import torch
+
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device: cuda was asked for but no CUDA GPU is visible (set train.device=auto)"
+        )
+    if train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return train.device
+
+
+def resolve_precision(train: TrainSection, device: Device) -> Precision:
+    import torch
+
+    if device == "cpu":
+        if train.precision in ("bf16", "fp16"):
+            log.warning("train.precision=%s ignored on the CPU: training in fp32", train.precision)
+        return "fp32"
+    if train.precision != "auto":
+        return train.precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def torch_dtype(cfg: ModelSection, precision: Precision) -> Any:
+    import torch
+
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_model(cfg: ModelSection, device: Device, precision: Precision) -> Any:
+    """The frozen base model; with ``load_in_4bit`` quantized to nf4 with double quantization (QLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(cfg, precision)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(dtype)
+        # Quantized weights cannot be moved after loading: place them on this process's device now.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else {"": "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg.name_or_path, exc) from exc
+
+
+def bnb_config(compute_dtype: Any) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'sftbridge[qlora]'") from exc
+    # QLoRA's recipe: 4-bit NormalFloat with the quantization constants quantized too (~0.4 bit/param saved).
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def lora_config(cfg: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )

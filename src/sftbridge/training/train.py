@@ -1,0 +1,384 @@
+"""The training script: arguments (and SageMaker's environment) → data → model → SFTTrainer → run directory.
+
+Run it as ``sftbridge train CONFIG``, ``python -m sftbridge.training.train --config FILE [--key value ...]``,
+under ``torchrun``, or unchanged as the entry script of a SageMaker Hugging Face training job. It knows
+nothing of backends: where ``SM_CHANNEL_*``/``SM_MODEL_DIR``/``SM_HPS`` are set it reads data and writes the
+run there.
+Heavy libraries are imported inside functions so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, set_dotted
+from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
+from sftbridge.runs import (
+    CONFIG,
+    METRICS,
+    MetricsLog,
+    RunWriter,
+    checkpoint_dir_for,
+    default_run_dir,
+    git_state,
+    latest_checkpoint,
+    library_versions,
+)
+
+log = logging.getLogger("sftbridge.training.train")
+
+CHANNEL_SPLITS = {
+    "train_file": ("TRAIN", "TRAINING"),
+    "validation_file": ("VALIDATION",),
+    "test_file": ("TEST",),
+}
+
+
+@dataclass
+class SageMakerEnv:
+    """The parts of SageMaker's training-container contract this script uses."""
+
+    channels: dict[str, Path] = field(default_factory=dict)
+    model_dir: Path | None = None
+    output_data_dir: Path | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> SageMakerEnv:
+        env = os.environ if environ is None else environ
+        channels = {
+            k.removeprefix("SM_CHANNEL_"): Path(v) for k, v in env.items() if k.startswith("SM_CHANNEL_")
+        }
+        return cls(
+            channels=channels,
+            model_dir=Path(env["SM_MODEL_DIR"]) if env.get("SM_MODEL_DIR") else None,
+            output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]) if env.get("SM_OUTPUT_DATA_DIR") else None,
+            hyperparameters=json.loads(env["SM_HPS"]) if env.get("SM_HPS") else {},
+        )
+
+    def data_overrides(self, config: RunConfig) -> dict[str, Any]:
+        """Point data.*_file at the files inside the matching input channels."""
+        overrides: dict[str, Any] = {}
+        for key, names in CHANNEL_SPLITS.items():
+            channel = next((self.channels[n] for n in names if n in self.channels), None)
+            if channel is not None:
+                overrides[key] = str(_file_in_channel(channel, getattr(config.data, key)))
+        return {"data": overrides} if overrides else {}
+
+
+def _file_in_channel(channel: Path, configured: str | None) -> Path:
+    if configured and (channel / Path(configured).name).is_file():
+        return channel / Path(configured).name
+    candidates = sorted(
+        p for p in channel.iterdir() if p.suffix in (".jsonl", ".json") and p.name != "template.json"
+    )
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in channel.iterdir()) or "nothing"
+        raise DataError(f"input channel {channel}: expected one .jsonl file, found {found}")
+    return candidates[0]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """``--config FILE --run-dir DIR`` plus ``--section.key value`` (SageMaker's form) or ``key=value``."""
+    parser = argparse.ArgumentParser(
+        prog="sftbridge-train",
+        description="Fine-tune a chat model with LoRA/QLoRA. Set any config key as --section.key value.",
+        allow_abbrev=False,  # an override like --run... must never be taken for --run-dir
+    )
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--run-dir", help="where the run directory goes (default: runs/<run_name>-<time>)")
+    parser.add_argument("--runs-root", default="runs", help="parent of the default run directory")
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(rest):
+        item = rest[index]
+        if (not item.startswith("--") and "=" not in item) or item == "--":
+            raise ConfigError(f"argument {item!r}: expected --section.key value or section.key=value")
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            if index + 1 >= len(rest):
+                raise ConfigError(f"argument {item}: missing its value")
+            index += 1
+            value = rest[index]
+        set_dotted(overrides, key, _parse_hp(value))
+        index += 1
+    return args, overrides
+
+
+def _parse_hp(raw: Any) -> Any:
+    """Hyperparameters arrive as strings (``true``, ``True``, ``1e-4``, ``[q_proj, v_proj]``, ``null``)."""
+    import yaml
+
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw
+
+
+def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig, Path]:
+    args, cli_overrides = parse_args(argv)
+    hp_overrides: dict[str, Any] = {}
+    config_file = args.config
+    for key, value in env.hyperparameters.items():
+        if key == "config":
+            config_file = config_file or value
+        elif key not in ("run-dir", "runs-root"):
+            set_dotted(hp_overrides, key, _parse_hp(value))
+    config = load_config(config_file, deep_merge(hp_overrides, cli_overrides))
+    if env.channels:
+        config = load_config(
+            config_file, deep_merge(deep_merge(hp_overrides, cli_overrides), env.data_overrides(config))
+        )
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    elif env.model_dir is not None:
+        run_dir = env.model_dir
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun every process must agree on the run folder: pass --run-dir")
+    else:
+        run_dir = default_run_dir(args.runs_root, config.run_name)
+    return config, run_dir
+
+
+def _as_dataset(examples: list[Any]) -> Any:
+    """What TRL trains on: ready-made ``input_ids`` and ``labels`` (the prompt already at -100)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+
+def train(config: RunConfig, run_dir: Path) -> Path:
+    """Validate the data, train, write the run directory. Returns its path."""
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from sftbridge.aws.secrets import export_hf_token
+    from sftbridge.data.formatting import resolve_chat_format
+    from sftbridge.data.loading import encode_split, load_data
+    from sftbridge.training.modeling import (
+        check_attention,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        model_path,
+        resolve_device,
+        resolve_precision,
+    )
+
+    started = time.time()
+    rank = int(os.environ.get("RANK", "0"))
+    set_seed(config.seed)
+    # Everything that can fail on bad input happens before the run folder or the weights exist.
+    data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
+    export_hf_token(config.model.hf_token_secret)
+    tokenizer = load_tokenizer(config.model)
+    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
+    prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
+    policy, max_length = config.data.over_length, config.data.max_length
+    train_set, train_report = encode_split(data.train, prompt_format, tokenizer, max_length, policy)
+    eval_set, eval_report = encode_split(data.validation, prompt_format, tokenizer, max_length, policy)
+    if not train_set:
+        raise DataError(f"{config.data.train_file}: no training example left after data.over_length={policy}")
+    device = resolve_device(config.train)
+    check_attention(config.model, device)
+    precision = resolve_precision(config.train, device)
+    log.info(
+        "data: %d train / %d validation examples (%s, %s); device %s, %s",
+        len(train_set),
+        len(eval_set),
+        prompt_format.format,
+        chat_format,
+        device,
+        precision,
+    )
+    do_eval = bool(eval_set) and config.train.eval_strategy != "no"
+    train_rows = _as_dataset(train_set)
+    eval_rows = _as_dataset(eval_set) if do_eval else None
+    data_record = {
+        "sha256": data.sha256,
+        "template_source": data.template_source,
+        "train": train_report.to_dict(),
+        "validation": eval_report.to_dict(),
+    }
+    # The Arrow tables are all that training needs from here: drop the Python copies (records, texts, token
+    # lists) rather than hold them in RAM beside the model for the whole run.
+    del data, train_set, eval_set
+
+    from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
+
+    writer = RunWriter(run_dir, create=rank == 0)
+    checkpoints = (
+        Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
+    )
+    if rank == 0:
+        clean_partial_checkpoints(checkpoints)
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    stopper = StopOnSignal()
+    try:
+        model = load_model(config.model, device, precision)
+        load_seconds = time.time() - started
+        args = SFTConfig(
+            output_dir=str(checkpoints),
+            num_train_epochs=config.train.epochs,
+            max_steps=config.train.max_steps,
+            per_device_train_batch_size=config.train.per_device_batch_size,
+            per_device_eval_batch_size=config.train.per_device_eval_batch_size,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+            learning_rate=config.train.learning_rate,
+            lr_scheduler_type=config.train.lr_scheduler,
+            warmup_steps=config.train.warmup_ratio,  # a float in [0, 1) is a share of the steps
+            weight_decay=config.train.weight_decay,
+            max_grad_norm=config.train.max_grad_norm,
+            optim=config.train.optim,
+            activation_checkpointing=config.train.gradient_checkpointing,  # transformers 5's name
+            logging_steps=config.train.logging_steps,
+            logging_first_step=True,
+            eval_strategy=config.train.eval_strategy if do_eval else "no",
+            eval_steps=config.train.eval_steps,
+            save_strategy="steps" if config.train.save_steps else "epoch",
+            save_steps=config.train.save_steps or 500,
+            save_total_limit=config.train.save_total_limit,
+            report_to="none",
+            disable_tqdm=True,
+            seed=config.seed,
+            data_seed=config.seed,
+            use_cpu=device == "cpu",
+            # TRL defaults to bf16; the CPU trains in fp32 (bf16 autocast there is slower and changes logits).
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            # Examples are already cut to data.max_length by encode_split; TRL refuses max_length with
+            # padding-free batches unless it packs, so it only gets the length when it needs it.
+            max_length=None if config.train.padding_free and not config.train.packing else max_length,
+            dataset_num_proc=None,
+            packing=config.train.packing,
+            padding_free=config.train.padding_free,
+            use_liger_kernel=config.train.use_liger_kernel,
+            train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
+        )
+
+        trainer = SafeSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            processing_class=tokenizer,
+            peft_config=lora_config(config),
+            callbacks=[stopper],
+        )
+        stopper.install()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(config, device) from exc
+        finally:
+            stopper.uninstall()
+        if stopper.signum is not None:
+            raise Interrupted(stopper.signum, latest_checkpoint(checkpoints))
+        final_eval = trainer.evaluate() if do_eval else {}
+        trainer.accelerator.wait_for_everyone()
+        if rank != 0:
+            return run_dir
+        adapter_dir = writer.staging / "adapter"
+        peft_model: Any = trainer.model
+        peft_model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        metrics = MetricsLog(writer.staging / METRICS)
+        for entry in trainer.state.log_history:  # restored from the checkpoint too: complete across resumes
+            metrics.write(entry)
+        writer.write_text(CONFIG, dump_config(config))
+        manifest = {
+            "manifest_version": 1,
+            "run_name": config.run_name,
+            "base_model": {
+                "name_or_path": config.model.name_or_path,
+                "resolved_path": model_path(config.model)
+                if config.model.name_or_path.startswith("builtin:")
+                else None,
+                "revision": config.model.revision or _commit_hash(model),
+                "load_in_4bit": config.model.load_in_4bit,
+            },
+            "prompt_format": prompt_format.to_dict(),
+            "generation": config.generation.model_dump(),
+            "config": config.to_dict(),
+            "data": data_record,
+            "seed": config.seed,
+            "versions": library_versions(),
+            "git": git_state(),
+            "backend": {
+                "name": os.environ.get("SFTBRIDGE_BACKEND", "direct"),
+                "job_id": os.environ.get("SFTBRIDGE_JOB_ID"),
+            },
+            "device": {
+                "type": device,
+                "precision": precision,
+                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            },
+            "timings": {
+                "load_seconds": round(load_seconds, 2),
+                "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+                "total_seconds": round(time.time() - started, 2),
+            },
+            "resumed_from": str(resume_from) if resume_from else None,
+            "metrics": {
+                "train_loss": result.training_loss,
+                "global_step": result.global_step,
+                "eval_loss": final_eval.get("eval_loss"),
+            },
+        }
+        finished = writer.finalize(manifest)
+        if not config.train.checkpoint_dir:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go
+        return finished
+    except BaseException:
+        if rank == 0:
+            writer.abort()
+        raise
+
+
+def out_of_memory(config: RunConfig, device: str) -> UserError:
+    return UserError(
+        f"out of {device} memory at train.per_device_batch_size={config.train.per_device_batch_size}, "
+        f"data.max_length={config.data.max_length}. Lower train.per_device_batch_size (and raise "
+        "train.gradient_accumulation_steps to keep the effective batch), lower data.max_length, set "
+        "train.gradient_checkpointing=true, or load the base in 4-bit (model.load_in_4bit=true)."
+    )
+
+
+def _commit_hash(model: Any) -> str | None:
+    return getattr(model.config, "_commit_hash", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, run_dir = resolve_config(argv, SageMakerEnv.from_environ())
+        out = train(config, run_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"interrupted: {exc}; run the same command again to resume", file=sys.stderr)
+        return exc.exit_code
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
