@@ -73,4 +73,3 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _command_in(argv: list[str]) -> str:
     """The command argv names: its first word that is not an option (the top level has only flags)."""
     return next((word for word in argv if not word.startswith("-")), "")
-
