@@ -271,11 +271,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=3")
-        set_dotted(nested, key, _parse_value(raw))
+        set_dotted(nested, key, parse_value(raw))
     return nested
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: Any) -> Any:
+    """A value given as text (``true``, ``1e-4``, ``[q_proj, v_proj]``, ``null``) parsed as YAML.
+
+    Command-line overrides and SageMaker hyperparameters both arrive this way; a value that is not a string
+    (SM_HPS is JSON) is returned as it is.
+    """
+    if not isinstance(raw, str):
+        return raw
     try:
         return yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

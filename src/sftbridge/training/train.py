@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, set_dotted
+from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, parse_value, set_dotted
 from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
 from sftbridge.runs import (
     CONFIG,
@@ -110,21 +110,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
                 raise ConfigError(f"argument {item}: missing its value")
             index += 1
             value = rest[index]
-        set_dotted(overrides, key, _parse_hp(value))
+        set_dotted(overrides, key, parse_value(value))
         index += 1
     return args, overrides
-
-
-def _parse_hp(raw: Any) -> Any:
-    """Hyperparameters arrive as strings (``true``, ``True``, ``1e-4``, ``[q_proj, v_proj]``, ``null``)."""
-    import yaml
-
-    if not isinstance(raw, str):
-        return raw
-    try:
-        return yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        return raw
 
 
 def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig, Path]:
@@ -135,7 +123,7 @@ def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig
         if key == "config":
             config_file = config_file or value
         elif key not in ("run-dir", "runs-root"):
-            set_dotted(hp_overrides, key, _parse_hp(value))
+            set_dotted(hp_overrides, key, parse_value(value))
     config = load_config(config_file, deep_merge(hp_overrides, cli_overrides))
     if env.channels:
         config = load_config(
