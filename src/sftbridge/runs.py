@@ -21,12 +21,14 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftbridge.errors import RunDirError
+from sftbridge.errors import RunDirError, UserError
 
 MANIFEST = "sftbridge.json"
 COMPLETE = "COMPLETE"
@@ -59,14 +61,50 @@ def redact(text: str) -> str:
     return text
 
 
+def require_empty(target: Path, label: str, choose: str, error: type[UserError] = RunDirError) -> None:
+    """``target`` is absent or an empty folder, or ``error`` names ``label`` and says to choose another."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise error(f"{label}: already exists and is not empty; choose another {choose}")
+
+
+def staging_dir(target: Path) -> Path:
+    return target.parent / f".{target.name}.partial"
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Move a finished staging folder into place. An existing (empty) target keeps its inode: SageMaker's
+    ``SM_MODEL_DIR`` is a mount point that cannot be replaced, only filled."""
+    if target.is_dir():
+        for child in staging.iterdir():
+            child.rename(target / child.name)
+        staging.rmdir()
+    else:
+        staging.rename(target)
+
+
+@contextmanager
+def staged(target: Path, *, label: str | None = None, choose: str = "--run-dir") -> Iterator[Path]:
+    """Write a folder atomically: the block fills an empty ``.<name>.partial`` beside ``target``, which is
+    moved into place when the block ends and deleted if it raises, so ``target`` is never half-written."""
+    require_empty(target, label or str(target), choose)
+    staging = staging_dir(target)
+    shutil.rmtree(staging, ignore_errors=True)  # left over from a crashed attempt
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, target)
+
+
 class RunWriter:
     """Builds a run directory under ``.<name>.partial`` and moves it into place on ``finalize``."""
 
     def __init__(self, target: Path, *, create: bool = True) -> None:
         self.target = Path(target)
-        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
-            raise RunDirError(f"{self.target}: already exists and is not empty; choose another --run-dir")
-        self.staging = self.target.parent / f".{self.target.name}.partial"
+        require_empty(self.target, str(self.target), "--run-dir")
+        self.staging = staging_dir(self.target)
         if create:
             shutil.rmtree(self.staging, ignore_errors=True)  # left over from a crashed run
             self.staging.mkdir(parents=True)
@@ -76,12 +114,7 @@ class RunWriter:
 
     def finalize(self, manifest: dict[str, Any]) -> Path:
         self.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        if self.target.is_dir():  # an existing empty folder, e.g. SageMaker's SM_MODEL_DIR
-            for child in self.staging.iterdir():
-                child.rename(self.target / child.name)
-            self.staging.rmdir()
-        else:
-            self.staging.rename(self.target)
+        publish(self.staging, self.target)
         (self.target / COMPLETE).write_text(datetime.now(timezone.utc).isoformat() + "\n", encoding="utf-8")
         return self.target
 

@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sftbridge.errors import RunDirError, UserError
-from sftbridge.runs import ADAPTER, MANIFEST, library_versions, load_manifest, redact
+from sftbridge.runs import (
+    ADAPTER,
+    MANIFEST,
+    MANIFEST_VERSION,
+    library_versions,
+    load_manifest,
+    redact,
+    require_empty,
+    staged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +59,26 @@ def merge_run(
     from transformers import AutoTokenizer
 
     from sftbridge.config import RunConfig
-    from sftbridge.training.modeling import load_model, resolve_device, resolve_precision, runnable_attention
+    from sftbridge.training.modeling import load_run_base
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest = load_manifest(run_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"--out {out_dir}: already exists and is not empty; choose another folder")
+    require_empty(out_dir, f"--out {out_dir}", "folder", UserError)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     config = RunConfig.model_validate(manifest["config"])
-    if device != "auto":
-        config.train.device = device  # type: ignore[assignment]
-    target = resolve_device(config.train)
     # QLoRA or not, the adapter is merged into full-precision weights: a 4-bit weight cannot take the delta.
-    model_cfg = runnable_attention(config.model, target).model_copy(update={"load_in_4bit": False})
-    if dtype != "auto":
-        model_cfg.dtype = dtype  # type: ignore[assignment]
-    base = load_model(model_cfg, target, resolve_precision(config.train, target))
-    if target == "cuda":
-        base = base.to("cuda")
+    base = load_run_base(config, device, unquantized=True, dtype=dtype)
     model = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()
     weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     log.info("merged %s into %s (%s)", run_dir / ADAPTER, config.model.name_or_path, weights_dtype)
 
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out_dir, label=f"--out {out_dir}", choose="folder") as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         AutoTokenizer.from_pretrained(run_dir / ADAPTER).save_pretrained(staging)
         record = {
             "kind": MERGED_KIND,
-            "manifest_version": 1,
+            "manifest_version": MANIFEST_VERSION,
             "run_name": manifest.get("run_name"),
             "source_run": str(run_dir.resolve()),
             "base_model": manifest.get("base_model"),
@@ -99,12 +95,6 @@ def merge_run(
             "versions": library_versions(),
         }
         (staging / MANIFEST).write_text(redact(json.dumps(record, indent=2)) + "\n", encoding="utf-8")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty, checked above
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -68,27 +68,13 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> Predictor:
         from peft import PeftModel
+        from transformers import AutoTokenizer
 
-        from sftbridge.training.modeling import (
-            load_model,
-            resolve_device,
-            resolve_precision,
-            runnable_attention,
-        )
+        from sftbridge.training.modeling import load_run_base
 
         run_dir = Path(run_dir)
         manifest = load_manifest(run_dir)
-        config = RunConfig.model_validate(manifest["config"])
-        if device != "auto":
-            config.train.device = device  # type: ignore[assignment]
-        target = resolve_device(config.train)
-        base = load_model(
-            runnable_attention(config.model, target), target, resolve_precision(config.train, target)
-        )
-        if target == "cuda" and not config.model.load_in_4bit:
-            base = base.to("cuda")
-        from transformers import AutoTokenizer
-
+        base = load_run_base(RunConfig.model_validate(manifest["config"]), device)
         tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
         model = PeftModel.from_pretrained(base, run_dir / ADAPTER)
         model.eval()

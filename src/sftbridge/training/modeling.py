@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Any, Literal
 
-from sftbridge.config import ModelSection, TrainSection
+from sftbridge.config import ModelSection, RunConfig, TrainSection
 from sftbridge.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,28 @@ def load_model(cfg: ModelSection, device: Device, precision: Precision) -> Any:
         return AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name_or_path, exc) from exc
+
+
+def load_run_base(
+    config: RunConfig, device: str = "auto", *, unquantized: bool = False, dtype: str = "auto"
+) -> Any:
+    """A finished run's base model, on this machine's device, ready for its adapter.
+
+    The attention implementation falls back to one this machine runs (a FlashAttention-trained run still
+    loads on the CPU); ``unquantized`` loads a QLoRA run's base in 16/32-bit, for merging (a 4-bit weight
+    cannot take the LoRA delta); ``dtype`` overrides the weights' dtype.
+    """
+    train = config.train if device == "auto" else config.train.model_copy(update={"device": device})
+    target = resolve_device(train)
+    cfg = runnable_attention(config.model, target)
+    if unquantized:
+        cfg = cfg.model_copy(update={"load_in_4bit": False})
+    if dtype != "auto":
+        cfg = cfg.model_copy(update={"dtype": dtype})
+    base = load_model(cfg, target, resolve_precision(train, target))
+    if target == "cuda" and not cfg.load_in_4bit:  # a 4-bit model is placed while it loads
+        base = base.to("cuda")
+    return base
 
 
 def bnb_config(compute_dtype: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker.spec import SPLIT_CHANNELS
 from sftbridge.config import dump_config, validate_config
 from sftbridge.errors import RunDirError, UserError
-from sftbridge.runs import CONFIG, MANIFEST, is_complete, redact
+from sftbridge.runs import CONFIG, MANIFEST, is_complete, redact, staged
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +135,7 @@ class SageMakerJob:
         if d["TrainingJobStatus"] != "Completed":
             raise RunDirError(f"job {self.id}: {self.status()}; only a completed job has a run to fetch")
         target = Path(dest or self.run_dir or Path("runs") / self.id)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise RunDirError(f"{target}: already exists and is not empty; choose another --run-dir")
-        staging = target.parent / f".{target.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
+        with staged(target) as staging:
             self._download(d, staging)
             if not is_complete(staging):
                 raise RunDirError(
@@ -149,12 +143,6 @@ class SageMakerJob:
                     "was it trained by sftbridge?"
                 )
             _annotate(staging, d, self._record(d))
-            if target.is_dir():
-                target.rmdir()
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
     def _download(self, d: dict[str, Any], staging: Path) -> None:
