@@ -222,7 +222,11 @@ def test_cli_deploys_a_merged_folder(
         ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, {}, "error: no AWS credentials: "),
         ({"AWS_DEFAULT_REGION": None}, {}, "error: no AWS region: pass --region or set AWS_DEFAULT_REGION"),
         ({}, {"--role": None}, "error: no execution role: pass --role arn:aws:iam::<account>:role/<name>"),
-        ({}, {"--role": "SageMakerExecution"}, "error: --role SageMakerExecution: give the role's full ARN"),
+        (
+            {},
+            {"--role": "SageMakerExecution"},
+            "error: --role: 'SageMakerExecution' is not a role ARN",
+        ),
         (
             {},
             {"--instance-type": "ml.m5.xlarge"},

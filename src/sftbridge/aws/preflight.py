@@ -9,12 +9,15 @@ the error class their command raises.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from sftbridge.errors import UserError
 
 log = logging.getLogger(__name__)
 
+ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")  # aws, aws-cn, aws-us-gov
+ROLE_ARN_FORM = "arn:aws:iam::<12-digit account>:role/<name>"
 NO_CREDENTIALS = (
     "no AWS credentials: run `aws configure` (or `aws sso login`), or set AWS_PROFILE, or AWS_ACCESS_KEY_ID "
     "and AWS_SECRET_ACCESS_KEY"
@@ -28,6 +31,12 @@ def reason(exc: Exception) -> str:
         error = response.get("Error", {})
         return f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
     return str(exc)
+
+
+def require_role_arn(role: str, setting: str, error: type[UserError] = UserError) -> None:
+    """A full role ARN: a bare role name would make the SDK call IAM to resolve it, which a job role lacks."""
+    if not ROLE_ARN.match(role):
+        raise error(f"{setting}: {role!r} is not a role ARN; write it in full, {ROLE_ARN_FORM}")
 
 
 def require_credentials(session: Any, error: type[UserError] = UserError) -> None:

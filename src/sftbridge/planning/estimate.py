@@ -362,11 +362,11 @@ def _weight_bits(config: RunConfig, on_gpu: bool) -> int:
     return 16
 
 
-# ---- Target, time, cost ----------------------------------------------------------------------------------
+# ---- machine, time, cost ----------------------------------------------------------------------------------
 
 
 @dataclass
-class Target:
+class Machine:
     kind: str  # "gpu", "cpu" or "unspecified" (a GPU of unknown kind)
     gpu: Gpu | None = None
     gpus_per_instance: int = 1
@@ -388,12 +388,12 @@ class Target:
         return f"{count}{self.gpu.name} ({self.gpu.memory_bytes / GB:.1f} GB){where}"
 
 
-def resolve_target(config: RunConfig, gpu: str | None, instance_type: str | None) -> Target:
+def resolve_target(config: RunConfig, gpu: str | None, instance_type: str | None) -> Machine:
     if gpu:
         key = GPU_ALIASES.get(gpu.lower(), gpu.lower())
         if key not in GPUS:
             raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(GPUS)}")
-        return Target("gpu", GPUS[key], instances=1)
+        return Machine("gpu", GPUS[key], instances=1)
     if instance_type is None and config.backend.name == "sagemaker":
         instance_type = config.backend.instance_type
     if instance_type:
@@ -404,10 +404,10 @@ def resolve_target(config: RunConfig, gpu: str | None, instance_type: str | None
             )
         key, count, price = INSTANCES[instance_type]
         instances = config.backend.instance_count if config.backend.name == "sagemaker" else 1
-        return Target("gpu", GPUS[key], count, instances, instance_type, price)
+        return Machine("gpu", GPUS[key], count, instances, instance_type, price)
     if config.train.device == "cpu":
-        return Target("cpu")
-    return Target("unspecified")
+        return Machine("cpu")
+    return Machine("unspecified")
 
 
 @dataclass
@@ -423,7 +423,7 @@ class Throughput:
     training_hours: float | None
 
 
-def throughput(config: RunConfig, shapes: Shapes, batch: Batching, target: Target) -> Throughput:
+def throughput(config: RunConfig, shapes: Shapes, batch: Batching, target: Machine) -> Throughput:
     ga = config.train.gradient_accumulation_steps
     steps = max(1, math.ceil(batch.micro_batches_per_epoch / ga))
     model_flops = 4.0 * shapes.matmul_params
@@ -471,7 +471,7 @@ class Cost:
     note: str = PRICE_TABLE_NOTE
 
 
-def cost(target: Target, hours: float | None, spot: bool) -> Cost | None:
+def cost(target: Machine, hours: float | None, spot: bool) -> Cost | None:
     if target.instance_type is None or target.price_per_hour is None or hours is None:
         return None
     billed = hours + SAGEMAKER_OVERHEAD_HOURS
@@ -487,7 +487,7 @@ class Plan:
     model: str
     shapes: Shapes
     data: dict[str, Any]
-    target: Target
+    target: Machine
     memory: Memory
     throughput: Throughput
     cost: Cost | None
@@ -540,7 +540,7 @@ def make_plan(
     return plan
 
 
-def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Target) -> Plan:
+def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine) -> Plan:
     world = target.world if target.kind == "gpu" else config.backend.num_processes
     batch = batching(config, lengths.tokens, world, seed=config.seed)
     share = sum(lengths.trained) / sum(lengths.tokens)
@@ -574,7 +574,7 @@ def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Targe
     )
 
 
-def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Target, plan: Plan) -> str:
+def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine, plan: Plan) -> str:
     """Name the keys that bring the run under the card's memory, each with its predicted peak."""
     assert target.gpu is not None
     limit = target.gpu.memory_bytes

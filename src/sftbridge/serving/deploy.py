@@ -35,28 +35,16 @@ from typing import Any
 
 from sftbridge.aws import preflight as aws_checks
 from sftbridge.errors import UserError
+from sftbridge.planning.hardware import gpu_memory
 from sftbridge.serving import defaults
 
 log = logging.getLogger(__name__)
 
 RECORD_TAG = "sftbridge:record"  # s3://.../NAME/record/ : manifest + tokenizer, read by `invoke`
 VARIANT = "AllTraffic"
-ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's endpoint/model name rule
 WEIGHTS_SHARE_OF_GPU = 0.8  # the rest is TGI's KV cache and activations
 NO_BF16 = ("ml.p2.", "ml.p3.", "ml.g4dn.")  # pre-Ampere GPUs: fp16 weights
-# GPU instances the SDK's table (image_uri_config/instance_gpu_info.json) lacks: (GPUs, total GPU MiB).
-EXTRA_GPU_INSTANCES = {
-    "ml.g5.xlarge": (1, 24576),
-    **{f"ml.g6.{size}": (1, 24576) for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
-    "ml.g6.12xlarge": (4, 98304),
-    "ml.g6.24xlarge": (4, 98304),
-    "ml.g6.48xlarge": (8, 196608),
-    **{f"ml.g6e.{size}": (1, 49152) for size in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
-    "ml.g6e.12xlarge": (4, 196608),
-    "ml.g6e.24xlarge": (4, 196608),
-    "ml.g6e.48xlarge": (8, 393216),
-}
 
 
 class DeployError(UserError):
@@ -94,14 +82,17 @@ def aws_session(region: str | None = None, run_backend: dict[str, Any] | None = 
 
 
 def gpu_info(instance_type: str, region: str) -> tuple[int, int]:
-    """(GPUs, total GPU MiB) of a SageMaker instance type, from the SDK's table; DeployError if unknown."""
+    """(GPUs, total GPU MiB) of a SageMaker instance type, from the SDK's table, else sftbridge's hardware
+    table; DeployError if neither knows it."""
     from sagemaker.core import instance_types_gpu_info
 
     known = {
         name: (info["Count"], info["TotalGpuMemoryInMiB"])
         for name, info in instance_types_gpu_info.retrieve(region).items()
     }
-    known = {**EXTRA_GPU_INSTANCES, **known}
+    fallback = gpu_memory(instance_type)  # types the SDK's table lacks (g6, g6e, ...)
+    if fallback is not None:
+        known.setdefault(instance_type, fallback)
     if instance_type not in known:
         examples = ", ".join(sorted(known)[:6])
         raise DeployError(
@@ -178,8 +169,7 @@ def preflight(
             "no execution role: pass --role arn:aws:iam::<account>:role/<name> (a SageMaker execution "
             "role that can read the bucket), or set backend.role in the run's config"
         )
-    if not ROLE_ARN.match(role):
-        raise DeployError(f"--role {role}: give the role's full ARN, arn:aws:iam::<account>:role/<name>")
+    aws_checks.require_role_arn(role, "--role", DeployError)
     gpus, memory = gpu_info(instance_type, region)
     image = tgi_image(region, instance_type, tgi_version)
     account = aws_checks.account_id(session, DeployError)

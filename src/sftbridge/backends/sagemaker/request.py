@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sftbridge.backends.sagemaker.instances import PRICE_TABLE_DATE, gpu_count
 from sftbridge.backends.sagemaker.spec import CHECKPOINT_DIR, CODE_CHANNEL, ENTRY_SCRIPT, Channel, JobPlan
+from sftbridge.planning.hardware import PRICE_TABLE_DATE, gpu_count
 
 
 def request(plan: JobPlan, job_name: str, bucket: str, prefix: str) -> dict[str, Any]:

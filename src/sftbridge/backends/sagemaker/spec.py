@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker import hyperparameters as hp
-from sftbridge.backends.sagemaker.instances import PRICE_TABLE_DATE, gpu_count, price_per_hour
 from sftbridge.config import RunConfig, load_config
 from sftbridge.data.loading import sha256_file
 from sftbridge.errors import ConfigError, DataError
+from sftbridge.planning.hardware import PRICE_TABLE_DATE, gpu_count, price_per_hour
 from sftbridge.runs import SECRET_ENV_VARS
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs this folder with CheckpointConfig.S3Uri
@@ -25,7 +26,6 @@ CODE_CHANNEL = "code"
 SUBMIT_DIRECTORY = f"/opt/ml/input/data/{CODE_CHANNEL}"
 ENTRY_SCRIPT = "train.py"
 SPLIT_CHANNELS = {"train_file": "train", "validation_file": "validation", "test_file": "test"}
-ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -98,11 +98,7 @@ def check_backend(config: RunConfig, region: str | None, instance_types: set[str
             "backend.role: no execution role; set backend.role=arn:aws:iam::<account>:role/<name> (a role "
             "that SageMaker may assume, with access to the bucket)"
         )
-    if not ROLE_ARN.match(backend.role):
-        raise ConfigError(
-            f"backend.role: {backend.role!r} is not a role ARN; write it in full, "
-            "arn:aws:iam::<12-digit account>:role/<name>"
-        )
+    preflight.require_role_arn(backend.role, "backend.role", ConfigError)
     if instance_types and backend.instance_type not in instance_types:
         near = sorted(t for t in instance_types if t.split(".")[1:2] == backend.instance_type.split(".")[1:2])
         hint = f" ({', '.join(near[:6])}...)" if near else " (e.g. ml.g5.2xlarge)"
