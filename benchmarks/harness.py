@@ -80,11 +80,12 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     Same parameter count, FLOPs and memory as the real model; the built-in tokenizer (ids < 1024) feeds it.
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from sftbridge.config import ModelSection
     from sftbridge.planning.model_shapes import KNOWN_SHAPES, Shapes
     from sftbridge.training.modeling import model_path
+    from sftbridge.training.tiny_model import llama_config
 
     name = spec.removeprefix("random:")
     shapes = (
@@ -94,17 +95,14 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     )
     if (out_dir / "config.json").is_file():
         return out_dir
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=shapes.vocab_size,
         hidden_size=shapes.hidden_size,
         intermediate_size=shapes.intermediate_size,
-        num_hidden_layers=shapes.num_layers,
-        num_attention_heads=shapes.num_heads,
-        num_key_value_heads=shapes.num_kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        num_layers=shapes.num_layers,
+        num_heads=shapes.num_heads,
+        num_kv_heads=shapes.num_kv_heads,
+        max_positions=4096,
     )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -266,7 +264,7 @@ def plain_trl(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
             learning_rate=train.learning_rate,
             lr_scheduler_type=train.lr_scheduler,
             optim=train.optim,
-            logging_steps=1,
+            logging_steps=train.logging_steps,
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,

@@ -3,7 +3,8 @@
     python benchmarks/step_time.py [--epochs 3] [--repeats 2]
 
 Both run in this process, back to back, on the built-in tiny model and data/sciq-sample/train.jsonl, on the
-CPU, with the same LoRA settings, batch size, learning rate and seed. Prints a Markdown table and writes
+CPU, with the same LoRA settings, batch size, learning rate and seed (``harness.ours`` and
+``harness.plain_trl``). Prints a Markdown table and writes
 benchmarks/results/step_time.json. Target: sftbridge <= 1.05x the plain script's step time.
 """
 
@@ -11,84 +12,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import tempfile
+import sys
 import time
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ours, plain_trl  # the same two runs the harness measures
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
-def plain_trl(epochs: float) -> tuple[float, int]:
-    """The baseline: what a user would write with TRL and PEFT alone."""
-    import torch
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
+def run_config(epochs: float) -> Any:
+    """configs/tiny-cpu.yaml for both runs. Our overhead alone: the plain script samples at random, so ours
+    does too (grouping is on by default)."""
     from sftbridge.config import load_config
-    from sftbridge.training.modeling import model_path
 
-    config = load_config(CONFIG)
-    path = model_path(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    raw = load_dataset("json", data_files=str(ROOT / config.data.train_file), split="train")
-    dataset = raw.map(
-        lambda r: {
-            "prompt": [{"role": "user", "content": r["question"]}],
-            "completion": [{"role": "assistant", "content": r["correct_answer"]}],
-        },
-        remove_columns=raw.column_names,
-    )
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            num_train_epochs=epochs,
-            per_device_train_batch_size=config.train.per_device_batch_size,
-            learning_rate=config.train.learning_rate,
-            lr_scheduler_type="linear",
-            logging_steps=50,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=config.seed,
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            max_length=config.data.max_length,
-        )
-        lora = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
-        )
-        result = trainer.train()
-    return result.metrics["train_runtime"], result.global_step
-
-
-def ours(epochs: float) -> tuple[float, int]:
-    import os
-
-    from sftbridge.config import load_config
-    from sftbridge.runs import load_manifest
-    from sftbridge.training.train import train
-
-    os.chdir(ROOT)
-    # our overhead alone: the plain script samples at random, so ours does too (grouping is on by default)
+    os.chdir(ROOT)  # the config's data path is relative to the checkout
     overrides = [f"train.epochs={epochs}", "train.logging_steps=50", "train.group_by_length=false"]
-    config = load_config(CONFIG, overrides)
-    with tempfile.TemporaryDirectory() as out:
-        run = train(config, Path(out) / "run")
-        manifest = load_manifest(run)
-    return manifest["timings"]["train_seconds"], manifest["metrics"]["global_step"]
+    return load_config(CONFIG, overrides)
 
 
 def main() -> None:
@@ -106,7 +51,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, run in (("plain TRL", plain_trl), ("sftbridge", ours)):
             started = time.perf_counter()
-            seconds, n = run(args.epochs)
+            seconds, n, _ = run(run_config(args.epochs))
             per_step = seconds / n
             best[name] = min(best.get(name, float("inf")), per_step)
             steps[name] = n

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from sftbridge.config import load_config
 from sftbridge.errors import ConfigError
 from sftbridge.planning.estimate import (
@@ -240,14 +238,10 @@ def test_unknown_model_names_the_key() -> None:
         model_shapes("nobody/no-such-model")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sftbridge.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT
-    )
-
-
 def test_cli_prints_the_plan_and_warns_with_exit_0() -> None:
-    out = run_cli("configs/llama2-7b-chat-lora.yaml", "train.per_device_batch_size=256", "--gpu", "a10g")
+    out = run_cli(
+        "plan", "configs/llama2-7b-chat-lora.yaml", "train.per_device_batch_size=256", "--gpu", "a10g"
+    )
     assert out.returncode == 0, out.stderr
     assert "base weights, 16-bit: 13.48 GB" in out.stdout
     assert "fits      NO" in out.stdout
@@ -257,7 +251,12 @@ def test_cli_prints_the_plan_and_warns_with_exit_0() -> None:
 
 def test_cli_json() -> None:
     out = run_cli(
-        "configs/tiny-cpu.yaml", "train.per_device_batch_size=4", "--instance-type", "ml.g6.2xlarge", "--json"
+        "plan",
+        "configs/tiny-cpu.yaml",
+        "train.per_device_batch_size=4",
+        "--instance-type",
+        "ml.g6.2xlarge",
+        "--json",
     )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
@@ -266,4 +265,4 @@ def test_cli_json() -> None:
     assert plan["cost"]["usd"] == pytest.approx(plan["cost"]["billed_hours"] * 1.222)
     assert plan["cost"]["price_table_date"] == PRICE_TABLE_DATE
     assert plan["memory_bytes"]["peak_total"] > plan["memory_bytes"]["peak_reserved"]
-    assert run_cli("configs/tiny-cpu.yaml", "--gpu", "tpu").returncode == 2
+    assert run_cli("plan", "configs/tiny-cpu.yaml", "--gpu", "tpu").returncode == 2

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sftbridge.config import BUILTIN_TINY_MODEL
 from sftbridge.errors import ConfigError
@@ -129,23 +130,48 @@ def build_tokenizer(out_dir: Path) -> None:
     wrapped.save_pretrained(out_dir)
 
 
-def build_tiny_llama(out_dir: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def llama_config(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    max_positions: int,
+) -> Any:
+    """A Llama architecture with Llama-2's special-token ids (BOS 1, EOS 2) and an untied output head: the
+    built-in tiny model and the benchmarks' random-init 7B-shaped models."""
+    from transformers import LlamaConfig
 
-    build_tokenizer(out_dir)
-    # Sizes are multiples of 64 so bitsandbytes' 4-bit layers work on the CPU too.
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llama(out_dir: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    build_tokenizer(out_dir)
+    # Sizes are multiples of 64 so bitsandbytes' 4-bit layers work on the CPU too.
+    config = llama_config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        max_positions=512,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
