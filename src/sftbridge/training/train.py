@@ -3,27 +3,29 @@
 Run it as ``sftbridge train CONFIG``, ``python -m sftbridge.training.train --config FILE [--key value ...]``,
 under ``torchrun``, or unchanged as the entry script of a SageMaker Hugging Face training job. It knows
 nothing of backends: where ``SM_CHANNEL_*``/``SM_MODEL_DIR``/``SM_HPS`` are set it reads data and writes the
-run there.
+run there (``sagemaker_env``). ``train()`` reads top to bottom: data → model → trainer → save; ``sft_config``
+maps the config onto TRL's arguments and ``build_manifest`` writes down what the run was.
 Heavy libraries are imported inside functions so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, parse_value, set_dotted
 from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
 from sftbridge.runs import (
+    ADAPTER,
     CONFIG,
+    MANIFEST_VERSION,
     METRICS,
     MetricsLog,
     RunWriter,
@@ -33,58 +35,16 @@ from sftbridge.runs import (
     latest_checkpoint,
     library_versions,
 )
+from sftbridge.training.sagemaker_env import SageMakerEnv
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.loading import LoadedData
+    from sftbridge.training.modeling import Device, Precision
 
 log = logging.getLogger("sftbridge.training.train")
-
-CHANNEL_SPLITS = {
-    "train_file": ("TRAIN", "TRAINING"),
-    "validation_file": ("VALIDATION",),
-    "test_file": ("TEST",),
-}
-
-
-@dataclass
-class SageMakerEnv:
-    """The parts of SageMaker's training-container contract this script uses."""
-
-    channels: dict[str, Path] = field(default_factory=dict)
-    model_dir: Path | None = None
-    output_data_dir: Path | None = None
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_environ(cls, environ: dict[str, str] | None = None) -> SageMakerEnv:
-        env = os.environ if environ is None else environ
-        channels = {
-            k.removeprefix("SM_CHANNEL_"): Path(v) for k, v in env.items() if k.startswith("SM_CHANNEL_")
-        }
-        return cls(
-            channels=channels,
-            model_dir=Path(env["SM_MODEL_DIR"]) if env.get("SM_MODEL_DIR") else None,
-            output_data_dir=Path(env["SM_OUTPUT_DATA_DIR"]) if env.get("SM_OUTPUT_DATA_DIR") else None,
-            hyperparameters=json.loads(env["SM_HPS"]) if env.get("SM_HPS") else {},
-        )
-
-    def data_overrides(self, config: RunConfig) -> dict[str, Any]:
-        """Point data.*_file at the files inside the matching input channels."""
-        overrides: dict[str, Any] = {}
-        for key, names in CHANNEL_SPLITS.items():
-            channel = next((self.channels[n] for n in names if n in self.channels), None)
-            if channel is not None:
-                overrides[key] = str(_file_in_channel(channel, getattr(config.data, key)))
-        return {"data": overrides} if overrides else {}
-
-
-def _file_in_channel(channel: Path, configured: str | None) -> Path:
-    if configured and (channel / Path(configured).name).is_file():
-        return channel / Path(configured).name
-    candidates = sorted(
-        p for p in channel.iterdir() if p.suffix in (".jsonl", ".json") and p.name != "template.json"
-    )
-    if len(candidates) != 1:
-        found = ", ".join(p.name for p in channel.iterdir()) or "nothing"
-        raise DataError(f"input channel {channel}: expected one .jsonl file, found {found}")
-    return candidates[0]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -140,39 +100,25 @@ def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig
     return config, run_dir
 
 
-def _as_dataset(examples: list[Any]) -> Any:
-    """What TRL trains on: ready-made ``input_ids`` and ``labels`` (the prompt already at -100)."""
-    from datasets import Dataset
+@dataclass
+class TrainingData:
+    """The encoded splits TRL trains on, and what the manifest records about them."""
 
-    return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    train: Any  # datasets.Dataset of input_ids + labels (the prompt already at -100)
+    eval: Any | None  # None when there is nothing to evaluate on, or train.eval_strategy is "no"
+    prompt_format: PromptFormat
+    record: dict[str, Any]  # the manifest's "data": sha256s, template source, length reports
 
 
-def train(config: RunConfig, run_dir: Path) -> Path:
-    """Validate the data, train, write the run directory. Returns its path."""
-    import torch
-    from transformers import set_seed
-    from trl import SFTConfig
+def encode_data(config: RunConfig, data: LoadedData, tokenizer: Any) -> TrainingData:
+    """Render and tokenize every split through the model's chat format; raises DataError if no example fits.
 
-    from sftbridge.aws.secrets import export_hf_token
+    Only Arrow tables leave this function: the Python copies (records, texts, token lists) are not held in RAM
+    beside the model for the whole run.
+    """
     from sftbridge.data.formatting import resolve_chat_format
-    from sftbridge.data.loading import encode_split, load_data
-    from sftbridge.training.modeling import (
-        check_attention,
-        load_model,
-        load_tokenizer,
-        lora_config,
-        model_path,
-        resolve_device,
-        resolve_precision,
-    )
+    from sftbridge.data.loading import encode_split
 
-    started = time.time()
-    rank = int(os.environ.get("RANK", "0"))
-    set_seed(config.seed)
-    # Everything that can fail on bad input happens before the run folder or the weights exist.
-    data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
-    export_hf_token(config.model.hf_token_secret)
-    tokenizer = load_tokenizer(config.model)
     chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
     prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
     policy, max_length = config.data.over_length, config.data.max_length
@@ -180,33 +126,114 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     eval_set, eval_report = encode_split(data.validation, prompt_format, tokenizer, max_length, policy)
     if not train_set:
         raise DataError(f"{config.data.train_file}: no training example left after data.over_length={policy}")
-    device = resolve_device(config.train)
-    check_attention(config.model, device)
-    precision = resolve_precision(config.train, device)
     log.info(
-        "data: %d train / %d validation examples (%s, %s); device %s, %s",
+        "data: %d train / %d validation examples (%s, %s)",
         len(train_set),
         len(eval_set),
         prompt_format.format,
         chat_format,
-        device,
-        precision,
     )
     do_eval = bool(eval_set) and config.train.eval_strategy != "no"
-    train_rows = _as_dataset(train_set)
-    eval_rows = _as_dataset(eval_set) if do_eval else None
-    data_record = {
-        "sha256": data.sha256,
-        "template_source": data.template_source,
-        "train": train_report.to_dict(),
-        "validation": eval_report.to_dict(),
-    }
-    # The Arrow tables are all that training needs from here: drop the Python copies (records, texts, token
-    # lists) rather than hold them in RAM beside the model for the whole run.
-    del data, train_set, eval_set
+    return TrainingData(
+        train=_as_dataset(train_set),
+        eval=_as_dataset(eval_set) if do_eval else None,
+        prompt_format=prompt_format,
+        record={
+            "sha256": data.sha256,
+            "template_source": data.template_source,
+            "train": train_report.to_dict(),
+            "validation": eval_report.to_dict(),
+        },
+    )
 
+
+def _as_dataset(examples: list[Any]) -> Any:
+    """What TRL trains on: ready-made ``input_ids`` and ``labels`` (the prompt already at -100)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+
+def sft_config(
+    config: RunConfig, *, output_dir: str | Path, device: Device, precision: Precision, do_eval: bool
+) -> SFTConfig:
+    """The ``train`` section as TRL's SFTConfig; checkpoints go to ``output_dir``."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=config.train.epochs,
+        max_steps=config.train.max_steps,
+        per_device_train_batch_size=config.train.per_device_batch_size,
+        per_device_eval_batch_size=config.train.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        learning_rate=config.train.learning_rate,
+        lr_scheduler_type=config.train.lr_scheduler,
+        warmup_steps=config.train.warmup_ratio,  # a float in [0, 1) is a share of the steps
+        weight_decay=config.train.weight_decay,
+        max_grad_norm=config.train.max_grad_norm,
+        optim=config.train.optim,
+        activation_checkpointing=config.train.gradient_checkpointing,  # transformers 5's name
+        logging_steps=config.train.logging_steps,
+        logging_first_step=True,
+        eval_strategy=config.train.eval_strategy if do_eval else "no",
+        eval_steps=config.train.eval_steps,
+        save_strategy="steps" if config.train.save_steps else "epoch",
+        save_steps=config.train.save_steps or 500,
+        save_total_limit=config.train.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device == "cpu",
+        # TRL defaults to bf16; the CPU trains in fp32 (bf16 autocast there is slower and changes logits).
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # Examples are already cut to data.max_length by encode_split; TRL refuses max_length with
+        # padding-free batches unless it packs, so it only gets the length when it needs it.
+        max_length=None if config.train.padding_free and not config.train.packing else config.data.max_length,
+        dataset_num_proc=None,
+        packing=config.train.packing,
+        padding_free=config.train.padding_free,
+        use_liger_kernel=config.train.use_liger_kernel,
+        train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
+    )
+
+
+def train(config: RunConfig, run_dir: Path) -> Path:
+    """Validate the data, train, write the run directory. Returns its path."""
+    import torch
+    from transformers import set_seed
+
+    from sftbridge.aws.secrets import export_hf_token
+    from sftbridge.data.loading import load_data
+    from sftbridge.training.modeling import (
+        check_attention,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        resolve_device,
+        resolve_precision,
+    )
     from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
 
+    started = time.time()
+    rank = int(os.environ.get("RANK", "0"))
+    set_seed(config.seed)
+
+    # Data, tokenizer and device: everything that can fail on bad input fails before the run folder or the
+    # weights exist.
+    loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
+    export_hf_token(config.model.hf_token_secret)
+    tokenizer = load_tokenizer(config.model)
+    data = encode_data(config, loaded, tokenizer)
+    del loaded  # the records and texts: the Arrow tables in `data` are all that training needs from here
+    device = resolve_device(config.train)
+    check_attention(config.model, device)
+    precision = resolve_precision(config.train, device)
+    log.info("device %s, %s", device, precision)
+
+    # The run folder (assembled under a temporary name) and the checkpoints a restart resumes from.
     writer = RunWriter(run_dir, create=rank == 0)
     checkpoints = (
         Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
@@ -218,56 +245,23 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         log.info("resuming from %s", resume_from)
     stopper = StopOnSignal()
     try:
+        # Model and trainer.
         model = load_model(config.model, device, precision)
         load_seconds = time.time() - started
-        args = SFTConfig(
-            output_dir=str(checkpoints),
-            num_train_epochs=config.train.epochs,
-            max_steps=config.train.max_steps,
-            per_device_train_batch_size=config.train.per_device_batch_size,
-            per_device_eval_batch_size=config.train.per_device_eval_batch_size,
-            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-            learning_rate=config.train.learning_rate,
-            lr_scheduler_type=config.train.lr_scheduler,
-            warmup_steps=config.train.warmup_ratio,  # a float in [0, 1) is a share of the steps
-            weight_decay=config.train.weight_decay,
-            max_grad_norm=config.train.max_grad_norm,
-            optim=config.train.optim,
-            activation_checkpointing=config.train.gradient_checkpointing,  # transformers 5's name
-            logging_steps=config.train.logging_steps,
-            logging_first_step=True,
-            eval_strategy=config.train.eval_strategy if do_eval else "no",
-            eval_steps=config.train.eval_steps,
-            save_strategy="steps" if config.train.save_steps else "epoch",
-            save_steps=config.train.save_steps or 500,
-            save_total_limit=config.train.save_total_limit,
-            report_to="none",
-            disable_tqdm=True,
-            seed=config.seed,
-            data_seed=config.seed,
-            use_cpu=device == "cpu",
-            # TRL defaults to bf16; the CPU trains in fp32 (bf16 autocast there is slower and changes logits).
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            # Examples are already cut to data.max_length by encode_split; TRL refuses max_length with
-            # padding-free batches unless it packs, so it only gets the length when it needs it.
-            max_length=None if config.train.padding_free and not config.train.packing else max_length,
-            dataset_num_proc=None,
-            packing=config.train.packing,
-            padding_free=config.train.padding_free,
-            use_liger_kernel=config.train.use_liger_kernel,
-            train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
-        )
-
+        do_eval = data.eval is not None
         trainer = SafeSFTTrainer(
             model=model,
-            args=args,
-            train_dataset=train_rows,
-            eval_dataset=eval_rows,
+            args=sft_config(
+                config, output_dir=checkpoints, device=device, precision=precision, do_eval=do_eval
+            ),
+            train_dataset=data.train,
+            eval_dataset=data.eval,
             processing_class=tokenizer,
             peft_config=lora_config(config),
             callbacks=[stopper],
         )
+
+        # Train: a SIGTERM/SIGINT stops at the next step boundary with a checkpoint to resume from.
         stopper.install()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -281,54 +275,24 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         trainer.accelerator.wait_for_everyone()
         if rank != 0:
             return run_dir
-        adapter_dir = writer.staging / "adapter"
-        peft_model: Any = trainer.model
-        peft_model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        metrics = MetricsLog(writer.staging / METRICS)
-        for entry in trainer.state.log_history:  # restored from the checkpoint too: complete across resumes
-            metrics.write(entry)
-        writer.write_text(CONFIG, dump_config(config))
-        manifest = {
-            "manifest_version": 1,
-            "run_name": config.run_name,
-            "base_model": {
-                "name_or_path": config.model.name_or_path,
-                "resolved_path": model_path(config.model)
-                if config.model.name_or_path.startswith("builtin:")
-                else None,
-                "revision": config.model.revision or _commit_hash(model),
-                "load_in_4bit": config.model.load_in_4bit,
-            },
-            "prompt_format": prompt_format.to_dict(),
-            "generation": config.generation.model_dump(),
-            "config": config.to_dict(),
-            "data": data_record,
-            "seed": config.seed,
-            "versions": library_versions(),
-            "git": git_state(),
-            "backend": {
-                "name": os.environ.get("SFTBRIDGE_BACKEND", "direct"),
-                "job_id": os.environ.get("SFTBRIDGE_JOB_ID"),
-            },
-            "device": {
-                "type": device,
-                "precision": precision,
-                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-            },
-            "timings": {
+
+        # Save: adapter, tokenizer, logs and config, then the manifest, and only then move it into place.
+        save_outputs(writer, trainer, tokenizer, config)
+        manifest = build_manifest(
+            config,
+            model=model,
+            data=data,
+            device=device,
+            precision=precision,
+            result=result,
+            final_eval=final_eval,
+            resumed_from=resume_from,
+            timings={
                 "load_seconds": round(load_seconds, 2),
                 "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
                 "total_seconds": round(time.time() - started, 2),
             },
-            "resumed_from": str(resume_from) if resume_from else None,
-            "metrics": {
-                "train_loss": result.training_loss,
-                "global_step": result.global_step,
-                "eval_loss": final_eval.get("eval_loss"),
-            },
-        }
+        )
         finished = writer.finalize(manifest)
         if not config.train.checkpoint_dir:
             shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go
@@ -337,6 +301,74 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         if rank == 0:
             writer.abort()
         raise
+
+
+def save_outputs(writer: RunWriter, trainer: Any, tokenizer: Any, config: RunConfig) -> None:
+    """Write the adapter (with the tokenizer), metrics.jsonl and the resolved config into the run folder."""
+    adapter_dir = writer.staging / ADAPTER
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    metrics = MetricsLog(writer.staging / METRICS)
+    for entry in trainer.state.log_history:  # restored from the checkpoint too: complete across resumes
+        metrics.write(entry)
+    writer.write_text(CONFIG, dump_config(config))
+
+
+def build_manifest(
+    config: RunConfig,
+    *,
+    model: Any,
+    data: TrainingData,
+    device: Device,
+    precision: Precision,
+    result: Any,
+    final_eval: dict[str, float],
+    resumed_from: Path | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The run's ``sftbridge.json``: what it was trained from, how, where, and how it ended.
+
+    ``result`` is what ``trainer.train()`` returned, ``final_eval`` what ``trainer.evaluate()`` did (or {}).
+    """
+    import torch
+
+    from sftbridge.training.modeling import model_path
+
+    builtin = config.model.name_or_path.startswith("builtin:")
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "run_name": config.run_name,
+        "base_model": {
+            "name_or_path": config.model.name_or_path,
+            "resolved_path": model_path(config.model) if builtin else None,
+            "revision": config.model.revision or _commit_hash(model),
+            "load_in_4bit": config.model.load_in_4bit,
+        },
+        "prompt_format": data.prompt_format.to_dict(),
+        "generation": config.generation.model_dump(),
+        "config": config.to_dict(),
+        "data": data.record,
+        "seed": config.seed,
+        "versions": library_versions(),
+        "git": git_state(),
+        "backend": {
+            "name": os.environ.get("SFTBRIDGE_BACKEND", "direct"),
+            "job_id": os.environ.get("SFTBRIDGE_JOB_ID"),
+        },
+        "device": {
+            "type": device,
+            "precision": precision,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        },
+        "timings": timings,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "metrics": {
+            "train_loss": result.training_loss,
+            "global_step": result.global_step,
+            "eval_loss": final_eval.get("eval_loss"),
+        },
+    }
 
 
 def out_of_memory(config: RunConfig, device: str) -> UserError:
