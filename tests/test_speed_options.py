@@ -8,6 +8,7 @@ examples: the two losses must agree, and every packed segment must carry its exa
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import pytest
@@ -34,32 +35,27 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
 
 
 def make_trainer(encoded: list[Any], trainer_class: Any = None, **options: Any) -> Any:
-    """An SFTTrainer set up like train.py, with dropout off so that losses are deterministic."""
+    """An SFTTrainer with train.py's own arguments (``sft_config``), LoRA dropout off: deterministic losses.
+
+    ``options`` are ``train.*`` settings (packing, padding_free, group_by_length).
+    """
     from datasets import Dataset
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from sftbridge.config import ModelSection, load_config
     from sftbridge.training.modeling import load_model, load_tokenizer, lora_config
+    from sftbridge.training.train import sft_config
 
     set_seed(0)
-    config = load_config(None, ["data.train_file=x.jsonl", "lora.dropout=0", "lora.r=8"])
-    group = options.pop("group_by_length", False)
-    # Our examples are already cut to data.max_length; TRL refuses padding_free without packing otherwise.
-    max_length = None if options.get("padding_free") and not options.get("packing") else 128
-    args = SFTConfig(
-        output_dir="unused",
-        per_device_train_batch_size=8,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        max_length=max_length,
-        seed=0,
-        dataset_num_proc=None,
-        train_sampling_strategy="group_by_length" if group else "random",
-        **options,
+    train_options = {"per_device_batch_size": 8, "group_by_length": False, **options}
+    config = load_config(
+        None,
+        ["data.train_file=x.jsonl", "data.max_length=128", "seed=0", "lora.dropout=0", "lora.r=8"]
+        + [f"train.{key}={json.dumps(value)}" for key, value in train_options.items()],
     )
+    args = sft_config(config, output_dir="unused", device="cpu", precision="fp32", do_eval=False)
+    assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing  # what the CPU losses need
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded])
     return (trainer_class or SFTTrainer)(
         model=load_model(ModelSection(attn_implementation="sdpa"), "cpu", "fp32"),
@@ -149,8 +145,6 @@ def test_train_accepts_padding_free(tiny_config: Any, tmp_path: Any) -> None:
 
 
 def losses_of_a_run(config: Any, run_dir: Any) -> list[float]:
-    import json
-
     from sftbridge.training.train import train
 
     run = train(config, run_dir)
