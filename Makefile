@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch first and pinned: a bare `torch` requirement resolves to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-fast test-all lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,13 @@ demo: install
 	$(VENV)/bin/sftbridge eval runs/demo --json runs/demo/eval-test.json
 	$(VENV)/bin/sftbridge generate runs/demo "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
 
+# Everything the CPU can run (what CI runs): ~5 minutes on 2 cores.
 test: install
 	$(PY) -m pytest -q -m "not gpu"
+
+# The inner loop: everything but the end-to-end runs marked slow; under 2 minutes on 2 cores.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -72,6 +72,7 @@ def test_every_command_has_its_arguments() -> None:
         assert subparsers.choices[command].get_default("func") is not None, command  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_train_generate_eval_end_to_end(tmp_path: Path) -> None:
     train_file = write_jsonl(tmp_path / "train.jsonl", SAMPLE_TRAIN.read_text().splitlines()[:32])
     run_dir = tmp_path / "run"

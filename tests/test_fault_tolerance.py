@@ -202,6 +202,7 @@ def test_sigterm_mid_run_then_resume(tmp_path: Path, qa_rows: list[dict[str, str
     assert manifest["metrics"]["global_step"] == 60
 
 
+@pytest.mark.slow
 def test_reproduce_from_the_manifest(
     tiny_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -220,6 +221,7 @@ def test_reproduce_from_the_manifest(
     assert not (tmp_path / "third").exists()
 
 
+@pytest.mark.slow
 def test_cli_resume_and_no_secret_in_checkpoints(
     tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -67,6 +67,7 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     assert [g.text for g in served.generate(prompts)] == [g.text for g in predictor.generate(prompts)]
 
 
+@pytest.mark.slow
 def test_merge_command(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "merged"
     command = [sys.executable, "-m", "sftbridge.cli", "merge", str(trained_run), "--out", str(out)]

@@ -249,6 +249,7 @@ def test_cli_prints_the_plan_and_warns_with_exit_0() -> None:
     assert "estimated at 3.6 characters per token" in out.stdout  # the gated tokenizer is not readable here
 
 
+@pytest.mark.slow
 def test_cli_json() -> None:
     out = run_cli(
         "plan",

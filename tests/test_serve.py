@@ -358,6 +358,7 @@ def test_a_stream_client_that_leaves_does_not_hurt_the_server(server: Any, expec
     assert post(server, "/generate", {"inputs": QUESTION})[1]["generated_text"].strip() == expected.text
 
 
+@pytest.mark.slow
 def test_serve_command_end_to_end(trained_run: Path, expected: Any) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "sftbridge.cli", "serve", str(trained_run), "--port", "0", "--device", "cpu"],
