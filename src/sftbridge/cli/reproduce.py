@@ -63,9 +63,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     code = job.wait()
     if code != 0:
         return code
-    new = load_manifest(job.fetch())
+    run_dir = job.fetch()  # once: a remote job's fetch downloads into a folder that must be empty
+    new = load_manifest(run_dir)
     before, after = manifest["metrics"]["train_loss"], new["metrics"]["train_loss"]
     verdict = "identical" if before == after else f"differs by {abs(after - before):.3g}"
     print(f"train_loss: original {before:.6f}, reproduced {after:.6f} ({verdict})")
-    print(f"run directory: {job.fetch()}")
+    print(f"run directory: {run_dir}")
     return 0
