@@ -1,4 +1,5 @@
-"""The backend layer and the SageMaker container contract the training script reads."""
+"""The backend layer (its protocol, capabilities and typed settings) and the SageMaker container contract
+the training script reads. tests/test_third_party_backend.py drives an installed third-party backend."""
 
 import json
 from importlib import metadata
@@ -6,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from conftest import write_jsonl
 from sftbridge.backends import Backend, available_backends, get_backend
 from sftbridge.backends.local import LocalBackend
-from sftbridge.config import load_config
+from sftbridge.config import dump_config, load_config, validate_config
 from sftbridge.errors import ConfigError, DataError
 from sftbridge.training.train import SageMakerEnv, parse_args, resolve_config
 
@@ -25,29 +27,160 @@ def test_unknown_backend_lists_the_known_ones() -> None:
         get_backend("nope")
 
 
-class ThirdPartyJob:
-    id = "tp-1"
+class ThirdPartySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str
+    region: str = "moon-1"
+    nodes: int = Field(1, gt=0)
 
 
 class ThirdPartyBackend:
+    """The smallest complete backend: it names itself, its settings and what it cannot do."""
+
     name = "thirdparty"
+    settings_model = ThirdPartySettings
+    supports_dry_run = False
+    supports_detach = False
+    supports_job_lookup = False
 
     def submit(self, config: Any, *, config_path: Any, overrides: Any, run_dir: Any) -> Any:
-        return ThirdPartyJob()
+        raise NotImplementedError  # never called here
+
+    def dry_run(self, config: Any, *, config_path: Any, overrides: Any) -> str:
+        raise NotImplementedError
+
+    def job(self, job_id: str, *, region: str | None = None) -> Any:
+        raise NotImplementedError
 
 
-def test_third_party_backend_from_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    entry = metadata.EntryPoint(
-        name="thirdparty", value=f"{__name__}:ThirdPartyBackend", group="sftbridge.backends"
-    )
+class IncompleteBackend:  # written against the old protocol: submit only
+    name = "incomplete"
+
+    def submit(self, config: Any, *, config_path: Any, overrides: Any, run_dir: Any) -> Any:
+        raise NotImplementedError
+
+
+@pytest.fixture
+def entry_points(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Registers this module's backends under ``sftbridge.backends``; records every look-up of the group."""
+    group = [
+        metadata.EntryPoint(name=name, value=f"{__name__}:{cls}", group="sftbridge.backends")
+        for name, cls in (("thirdparty", "ThirdPartyBackend"), ("incomplete", "IncompleteBackend"))
+    ]
+    lookups: list[str] = []
     real = metadata.entry_points
-    monkeypatch.setattr(
-        metadata,
-        "entry_points",
-        lambda **kw: [entry] if kw.get("group") == "sftbridge.backends" else real(**kw),
-    )
+
+    def entry_points(**kw: Any) -> Any:
+        if kw.get("group") != "sftbridge.backends":
+            return real(**kw)
+        lookups.append(kw["group"])
+        return group
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    return lookups
+
+
+def test_third_party_backend_from_entry_point(entry_points: list[str]) -> None:
     assert "thirdparty" in available_backends()
     assert isinstance(get_backend("thirdparty"), ThirdPartyBackend)
+
+
+def test_an_incomplete_backend_is_told_what_it_lacks(entry_points: list[str]) -> None:
+    with pytest.raises(ConfigError) as error:
+        get_backend("incomplete")
+    assert str(error.value) == (
+        f"backend 'incomplete' ({__name__}.IncompleteBackend) does not implement the Backend protocol: "
+        "it lacks dry_run, job, settings_model, supports_detach, supports_dry_run, supports_job_lookup"
+    )
+
+
+def test_builtin_backends_declare_their_capabilities() -> None:
+    from sftbridge.backends.sagemaker.backend import SageMakerBackend
+
+    local, sagemaker = get_backend("local"), get_backend("sagemaker")
+    assert isinstance(sagemaker, SageMakerBackend)
+    assert (local.supports_dry_run, local.supports_detach, local.supports_job_lookup) == (False,) * 3
+    assert (sagemaker.supports_dry_run, sagemaker.supports_detach, sagemaker.supports_job_lookup) == (
+        True,
+    ) * 3
+    assert local.settings_model is None and sagemaker.settings_model is None
+
+
+def test_typed_settings_are_validated_at_config_load(entry_points: list[str]) -> None:
+    config = load_config(
+        None, ["data.train_file=x.jsonl", "backend.name=thirdparty", "backend.options.queue=q"]
+    )
+    assert config.backend.options == ThirdPartySettings(queue="q")
+    assert "options:\n    queue: q\n    region: moon-1\n    nodes: 1\n" in dump_config(config)
+    assert validate_config(config.to_dict()).backend.options == config.backend.options  # round trip
+
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            None,
+            ["backend.name=thirdparty", "backend.options.regoin=mars", "backend.options.nodes=0", "lora.r=0"],
+        )
+    assert str(error.value).splitlines() == [
+        "config: 5 problem(s):",
+        "  data: required, but not set",
+        "  lora.r: Input should be greater than 0 (got 0)",
+        "  backend.options.regoin: unknown key; did you mean 'region'? valid keys: queue, region, nodes",
+        "  backend.options.queue: required, but not set",
+        "  backend.options.nodes: Input should be greater than 0 (got 0)",
+    ]
+
+
+def test_an_unknown_backend_is_a_config_problem(entry_points: list[str]) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data.train_file=x.jsonl", "backend.name=nope", "backend.options=3"])
+    assert str(error.value).splitlines() == [
+        "config: 2 problem(s):",
+        "  backend.options: must be a mapping of the backend's settings, key: value (got 3)",
+        "  backend.name: unknown backend 'nope'; available: incomplete, local, sagemaker, thirdparty",
+    ]
+
+
+def test_builtin_backends_take_no_plugin_lookup(entry_points: list[str]) -> None:
+    """Loading a config for local or sagemaker imports no third-party backend; their options stay a dict."""
+    for name in ("local", "sagemaker"):
+        config = load_config(None, ["data.train_file=x.jsonl", f"backend.name={name}", "backend.options.a=1"])
+        assert config.backend.options == {"a": 1}
+    assert entry_points == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "c.yaml", "--dry-run"],
+            "error: --dry-run: backend 'local' has no dry run; drop --dry-run",
+        ),
+        (
+            ["train", "c.yaml", "--detach"],
+            "error: --detach: backend 'local' cannot detach (its job ends with this command); drop --detach",
+        ),
+        (
+            ["logs", "job-1", "--backend", "local"],
+            "error: sftbridge logs --backend local: backend 'local' cannot look up a job by its id",
+        ),
+    ],
+)
+def test_a_missing_capability_names_the_flag_and_the_backend(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sftbridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(
+        "data:\n  train_file: missing.jsonl\n"
+    )  # refused before the data is read
+    assert main(argv) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_local_command_uses_torchrun_for_several_processes() -> None:

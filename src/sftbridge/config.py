@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sftbridge.errors import ConfigError
 
@@ -153,7 +161,10 @@ class TrainSection(_Section):
 class BackendSection(_Section):
     name: str = Field("local", description="local, sagemaker, or a third-party backend's entry-point name.")
     num_processes: int = Field(1, gt=0, description="local: >1 launches torchrun with that many processes.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Settings for a third-party backend.")
+    # Checked against the backend's `settings_model` when the config is loaded, then an instance of it.
+    options: dict[str, Any] | SerializeAsAny[BaseModel] = Field(
+        default_factory=dict, description="Settings of a third-party backend, as its settings_model defines."
+    )
     # SageMaker (backend.name=sagemaker); the local backend ignores these.
     role: str | None = Field(
         None, description="SageMaker: execution role ARN the job runs as, arn:aws:iam::<account>:role/<name>."
@@ -218,6 +229,13 @@ class BackendSection(_Section):
         description="SageMaker: copy the local HF_TOKEN into the job's environment, where "
         "DescribeTrainingJob shows it to anyone with read access; prefer model.hf_token_secret.",
     )
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _mapping(cls, value: Any) -> Any:
+        if not isinstance(value, dict | BaseModel):  # one clear error, not one per member of the union
+            raise ValueError("must be a mapping of the backend's settings, key: value")
+        return value
 
     @model_validator(mode="after")
     def _spot_wait(self) -> BackendSection:
@@ -343,26 +361,66 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] |
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    settings, problems = _backend_settings(raw)
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
+        problems = [_describe(error) for error in exc.errors()] + problems
+    if problems:
         listing = "\n".join(f"  {problem}" for problem in problems)
-        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{listing}") from None
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{listing}")
+    if settings is not None:
+        config.backend.options = settings
+    return config
 
 
-def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _backend_settings(raw: dict[str, Any]) -> tuple[BaseModel | None, list[str]]:
+    """``backend.options`` validated against a third-party backend's ``settings_model``, or the problems.
+
+    Only a backend that is not built in is imported here (built-in ones declare no settings model), so
+    loading a config stays light."""
+    from sftbridge.backends import BUILTIN_BACKENDS, backend_class
+
+    section = raw.get("backend")
+    section = section if isinstance(section, dict) else {}
+    name = section.get("name", BackendSection.model_fields["name"].default)
+    if not isinstance(name, str) or name in BUILTIN_BACKENDS:
+        return None, []  # a name of the wrong type is reported by the schema
+    try:
+        # A class without the attribute fails get_backend's protocol check, which lists what it lacks.
+        model: type[BaseModel] | None = getattr(backend_class(name), "settings_model", None)
+    except ConfigError as exc:
+        return None, [f"backend.name: {exc}"]
+    options = section.get("options", {})
+    if model is None or not isinstance(options, dict):
+        return None, []  # an untyped backend keeps its dict; a non-mapping is reported by the schema
+    prefix = ("backend", "options")
+    problems = []
+    if model.model_config.get("extra") != "allow":  # a typo ignored is a setting silently lost
+        known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+        for key in options:
+            if key not in known:
+                problems.append(f"{'.'.join((*prefix, str(key)))}: unknown key{_suggest((key,), model)}")
+        options = {key: value for key, value in options.items() if key in known}
+    try:
+        return model.model_validate(options), problems
+    except ValidationError as exc:
+        return None, problems + [_describe(error, model, prefix) for error in exc.errors()]
+
+
+def _describe(error: Any, root: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> str:
+    """One validation error as ``dotted.key: problem``; ``root`` is the model at ``prefix``."""
+    loc = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{loc}: unknown key{_suggest(error['loc'])}"
+        return f"{loc}: unknown key{_suggest(error['loc'], root or RunConfig)}"
     if error["type"] == "missing":
         return f"{loc}: required, but not set"
     message = error["msg"].removeprefix("Value error, ")
     return f"{loc}: {message} (got {error['input']!r})"
 
 
-def _suggest(loc: tuple[Any, ...]) -> str:
-    model: type[BaseModel] | None = RunConfig
+def _suggest(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if model else None
         annotation = field.annotation if field else None

@@ -9,11 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sftbridge.config import RunConfig
-from sftbridge.errors import RunDirError
+from sftbridge.errors import ConfigError, RunDirError
 from sftbridge.runs import default_run_dir, is_complete
 
 
 class LocalJob:
+    """The training process this command started; it ends with the command, so it has no page to watch."""
+
+    console_url = None
+
     def __init__(self, process: subprocess.Popen[str], run_dir: Path, job_id: str) -> None:
         self.process = process
         self.run_dir = run_dir
@@ -25,13 +29,18 @@ class LocalJob:
             return "running"
         return "completed" if code == 0 else f"failed: exit code {code}"
 
-    def logs(self) -> Iterator[str]:
+    def summary(self) -> list[tuple[str, str]]:
+        return [("job", self.id), ("state", self.status()), ("run", str(self.run_dir))]
+
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """The process's output. A pipe is read once, to its end, so this follows whatever ``follow`` is."""
         assert self.process.stdout is not None
-        yield from self.process.stdout
+        for line in self.process.stdout:
+            yield line.rstrip("\n")
 
     def wait(self) -> int:
-        for line in self.logs():
-            sys.stdout.write(line)
+        for line in self.logs(follow=True):
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
         return self.process.wait()
 
@@ -48,6 +57,16 @@ class LocalJob:
 
 class LocalBackend:
     name = "local"
+    settings_model = None
+    supports_dry_run = False  # nothing to describe: the command line below is the whole job
+    supports_detach = False  # the training process is a child of this command and ends with it
+    supports_job_lookup = False  # for the same reason: a finished run is its folder, not a job
+
+    def dry_run(self, config: RunConfig, *, config_path: str | None, overrides: list[str]) -> str:
+        raise ConfigError("the local backend has no dry run; `sftbridge preview` shows what it trains on")
+
+    def job(self, job_id: str, *, region: str | None = None) -> LocalJob:
+        raise ConfigError(f"{job_id}: the local backend cannot look up a job; its run folder is the result")
 
     def command(
         self, config: RunConfig, config_path: str | None, overrides: list[str], run_dir: Path

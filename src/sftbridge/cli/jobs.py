@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sftbridge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sftbridge.backends import Job
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="the job's name, as `sftbridge train` printed it")
-    parser.add_argument("--backend", default="sagemaker", help="backend that runs the job (sagemaker)")
-    parser.add_argument("--region", help="AWS region of the job (default: the AWS profile's)")
+    parser.add_argument(
+        "--backend", default="sagemaker", help="backend that runs the job (default: sagemaker)"
+    )
+    parser.add_argument("--region", help="region of the job (sagemaker: default the AWS profile's)")
     if command == "status":
         parser.set_defaults(func=cmd_status)
     elif command == "logs":
@@ -24,14 +29,16 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=cmd_fetch)
 
 
-def _job(args: argparse.Namespace) -> Any:
+def _job(args: argparse.Namespace) -> Job:
     from sftbridge.backends import get_backend
 
     backend = get_backend(args.backend)
-    lookup = getattr(backend, "job", None)
-    if lookup is None:
-        raise ConfigError(f"--backend {args.backend}: this backend cannot look up a job by name")
-    return lookup(args.job, region=args.region)
+    if not backend.supports_job_lookup:
+        raise ConfigError(
+            f"sftbridge {args.command} --backend {backend.name}: "
+            f"backend {backend.name!r} cannot look up a job by its id"
+        )
+    return backend.job(args.job, region=args.region)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sftbridge.backends import Backend
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained span in `preview`
 
@@ -18,12 +21,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
         parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
         parser.add_argument(
-            "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker)"
+            "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker, ...)"
         )
         parser.add_argument(
             "--detach",
             action="store_true",
-            help="submit and return; follow with status/logs/fetch (sagemaker)",
+            help="submit and return; follow with status/logs/fetch (sagemaker, ...)",
         )
         parser.add_argument(
             "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
@@ -48,27 +51,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.backend:
         overrides.append(f"backend.name={args.backend}")
     config = load_config(args.config, overrides)
+    backend = get_backend(config.backend.name)
+    check_capabilities(args, backend)
     # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
     data_files = (config.data.train_file, config.data.validation_file, config.data.test_file)
     if not any(str(path).startswith("s3://") for path in data_files):
         load_data(config.data, eval_strategy=config.train.eval_strategy)
-    run_dir = args.resume or args.run_dir
+    if args.dry_run:
+        print(backend.dry_run(config, config_path=args.config, overrides=overrides))
+        return 0
     if args.resume:
         check_resumable(config, args.resume)
-    backend = get_backend(config.backend.name)
-    if args.dry_run or args.detach:
-        return _remote_only(args, backend, config, overrides)
-    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=run_dir)
+    job = backend.submit(
+        config, config_path=args.config, overrides=overrides, run_dir=args.resume or args.run_dir
+    )
     print(f"job {job.id} ({backend.name})", flush=True)
-    console_url = getattr(job, "console_url", None)  # a remote job: where to watch it
-    if console_url:
-        print(console_url, flush=True)
+    if job.console_url:
+        print(job.console_url, flush=True)
+    if args.detach:
+        print(
+            f"follow it: sftbridge status {job.id} --backend {backend.name} / "
+            f"sftbridge logs {job.id} -f --backend {backend.name} / "
+            f"sftbridge fetch {job.id} --backend {backend.name}"
+        )
+        return 0
     code = job.wait()
     if code != 0:
         print(f"error: training failed ({job.status()})", file=sys.stderr)
         return code
     print(f"run directory: {job.fetch()}")
     return 0
+
+
+def check_capabilities(args: argparse.Namespace, backend: Backend) -> None:
+    """``--dry-run`` and ``--detach`` need a backend that declares them (``supports_*``)."""
+    from sftbridge.errors import ConfigError
+
+    if args.dry_run and not backend.supports_dry_run:
+        raise ConfigError(f"--dry-run: backend {backend.name!r} has no dry run; drop --dry-run")
+    if args.detach and not backend.supports_detach:
+        raise ConfigError(
+            f"--detach: backend {backend.name!r} cannot detach (its job ends with this command); "
+            "drop --detach"
+        )
 
 
 def check_resumable(config: Any, run_dir: Path) -> None:
@@ -80,25 +105,6 @@ def check_resumable(config: Any, run_dir: Path) -> None:
     folder = Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
     if latest_checkpoint(folder) is None:
         raise RunDirError(f"--resume {run_dir}: no complete checkpoint in {folder}; start a new run instead")
-
-
-def _remote_only(args: argparse.Namespace, backend: Any, config: Any, overrides: list[str]) -> int:
-    """``train --dry-run`` (print the request) and ``train --detach`` (submit, don't wait)."""
-    from sftbridge.errors import ConfigError
-
-    if args.dry_run:
-        if not hasattr(backend, "dry_run"):
-            raise ConfigError(f"--dry-run: backend {backend.name!r} has no dry run")
-        print(backend.dry_run(config, config_path=args.config, overrides=overrides))
-        return 0
-    if backend.name == "local":
-        raise ConfigError("--detach: the local backend trains in the foreground; drop --detach")
-    job = backend.submit(config, config_path=args.config, overrides=overrides, run_dir=args.run_dir)
-    print(f"job {job.id} ({backend.name})")
-    if getattr(job, "console_url", None):
-        print(job.console_url)
-    print(f"follow it: sftbridge status {job.id} / sftbridge logs {job.id} -f / sftbridge fetch {job.id}")
-    return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

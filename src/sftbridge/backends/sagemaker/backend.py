@@ -76,6 +76,10 @@ def quiet_sdk() -> Iterator[None]:
 
 class SageMakerBackend:
     name = "sagemaker"
+    settings_model = None  # its settings are the built-in backend.* keys (role, instance_type, ...)
+    supports_dry_run = True
+    supports_detach = True
+    supports_job_lookup = True
 
     def __init__(self, boto_session: Any | None = None) -> None:
         self._boto = boto_session  # tests pass one; otherwise a session for backend.region is made
