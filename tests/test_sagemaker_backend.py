@@ -22,7 +22,7 @@ from conftest import FAKE_TOKEN, ROOT
 from conftest import run_cli as sftbridge
 from sftbridge.archive import safe_extract
 from sftbridge.backends.sagemaker import hyperparameters as hp
-from sftbridge.backends.sagemaker.spec import make_plan
+from sftbridge.backends.sagemaker.spec import make_job_spec
 from sftbridge.config import RunConfig, load_config
 from sftbridge.errors import ConfigError, RunDirError, UserError
 
@@ -181,18 +181,20 @@ def test_config_too_long_for_hyperparameters_ships_the_config_file(tmp_path: Pat
         encoding="utf-8",
     )
     config = load_config(source, [f"backend.role={ROLE}", "train.epochs=2"])
-    plan = make_plan(config, config_path=str(source), region="us-east-1", image=IMAGE)
-    assert plan.config_file == source
-    assert plan.hyperparameters["config"] == "config/long.yaml"
-    assert "data.system_prompt" not in plan.hyperparameters  # it comes from the file
-    assert plan.hyperparameters["train.epochs"] == "2.0"  # overrides still travel as hyperparameters
-    overrides = {k: v for k, v in plan.hyperparameters.items() if k != "config"}
-    assert hp.round_trip(overrides, str(source)) == plan.config
+    spec = make_job_spec(config, config_path=str(source), region="us-east-1", image=IMAGE)
+    assert spec.config_file == source
+    assert spec.hyperparameters["config"] == "config/long.yaml"
+    assert "data.system_prompt" not in spec.hyperparameters  # it comes from the file
+    assert spec.hyperparameters["train.epochs"] == "2.0"  # overrides still travel as hyperparameters
+    overrides = {k: v for k, v in spec.hyperparameters.items() if k != "config"}
+    assert hp.round_trip(overrides, str(source)) == spec.config
 
 
 def test_multi_gpu_or_several_instances_use_torchrun() -> None:
     def reserved(*overrides: str) -> dict[str, str]:
-        return make_plan(seed_config(*overrides), config_path=None, region="us-east-1", image=IMAGE).reserved
+        return make_job_spec(
+            seed_config(*overrides), config_path=None, region="us-east-1", image=IMAGE
+        ).reserved
 
     assert "sagemaker_torch_distributed_enabled" not in reserved()
     assert reserved("backend.instance_type=ml.g5.12xlarge")["sagemaker_torch_distributed_enabled"] == "true"

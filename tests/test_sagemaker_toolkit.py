@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, SAMPLE_TEST
 from sftbridge.backends.sagemaker import hyperparameters as hp
 from sftbridge.backends.sagemaker.source import stage_source
-from sftbridge.backends.sagemaker.spec import CODE_CHANNEL, make_plan
+from sftbridge.backends.sagemaker.spec import CODE_CHANNEL, make_job_spec
 from sftbridge.runs import CHECKPOINT_COMPLETE, load_manifest
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
@@ -29,13 +29,13 @@ CHANNEL = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
 def container(base: Path, config: Any) -> tuple[Path, dict[str, str]]:
     """Lay out ``base`` as SageMaker lays out /opt/ml for the job the backend would submit for ``config``;
     returns it with the job's environment."""
-    plan = make_plan(config, config_path=None, region="us-east-1", image="unused-here")
-    hyperparameters = plan.all_hyperparameters()
+    spec = make_job_spec(config, config_path=None, region="us-east-1", image="unused-here")
+    hyperparameters = spec.all_hyperparameters()
     # The two container paths in the request, moved under SAGEMAKER_BASE_DIR (everything else as sent).
     hyperparameters["sagemaker_submit_directory"] = str(base / "input" / "data" / CODE_CHANNEL)
     hyperparameters["train.checkpoint_dir"] = hp.encode(str(base / "checkpoints"))
     stage_source(base / "input" / "data" / CODE_CHANNEL)
-    for channel in plan.channels:
+    for channel in spec.channels:
         folder = base / "input" / "data" / channel.name
         folder.mkdir(parents=True)
         for path in channel.files:
@@ -48,9 +48,9 @@ def container(base: Path, config: Any) -> tuple[Path, dict[str, str]]:
     (config_dir / "resourceconfig.json").write_text(
         json.dumps({"current_host": host, "hosts": [host], "network_interface_name": "lo"})
     )
-    channels = [c.name for c in plan.channels] + [CODE_CHANNEL]
+    channels = [c.name for c in spec.channels] + [CODE_CHANNEL]
     (config_dir / "inputdataconfig.json").write_text(json.dumps(dict.fromkeys(channels, CHANNEL)))
-    return base, plan.environment
+    return base, spec.environment
 
 
 def run_toolkit(base: Path, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -31,7 +31,7 @@ from sftbridge.backends.sagemaker.job import SageMakerJob, record_uri, split_s3
 from sftbridge.backends.sagemaker.request import render, request
 from sftbridge.backends.sagemaker.sdk import submit_v2, submit_v3
 from sftbridge.backends.sagemaker.source import stage_channels, stage_source
-from sftbridge.backends.sagemaker.spec import CODE_CHANNEL, JobPlan, check_backend, make_plan
+from sftbridge.backends.sagemaker.spec import CODE_CHANNEL, JobSpec, check_backend, make_job_spec
 from sftbridge.config import RunConfig
 from sftbridge.errors import ConfigError, UserError
 from sftbridge.runs import git_state
@@ -97,19 +97,19 @@ class SageMakerBackend:
             raise ConfigError("no AWS region: pass --region, or set AWS_DEFAULT_REGION")
         return SageMakerJob(job_id, boto)
 
-    def plan(self, config: RunConfig, config_path: str | None, boto: Any) -> JobPlan:
+    def spec(self, config: RunConfig, config_path: str | None, boto: Any) -> JobSpec:
         region = config.backend.region or boto.region_name
         check_backend(config, region, _instance_types())
-        return make_plan(config, config_path=config_path, region=region, image=_image(config, region))
+        return make_job_spec(config, config_path=config_path, region=region, image=_image(config, region))
 
     def dry_run(self, config: RunConfig, *, config_path: str | None, overrides: list[str]) -> str:
         """The job request, printed, with nothing uploaded and no AWS call."""
         with quiet_sdk():
-            plan = self.plan(config, config_path, self.session(config.backend.region))
-        bucket = config.backend.bucket or f"sagemaker-{plan.region}-<account>"
-        job_name = f"{plan.base_job_name}-<YYYYmmddHHMMSS>"
-        req = request(plan, job_name, bucket, config.backend.s3_prefix)
-        return render(plan, req, sdk=f"sagemaker {sdk_version()}")
+            spec = self.spec(config, config_path, self.session(config.backend.region))
+        bucket = config.backend.bucket or f"sagemaker-{spec.region}-<account>"
+        job_name = f"{spec.base_job_name}-<YYYYmmddHHMMSS>"
+        req = request(spec, job_name, bucket, config.backend.s3_prefix)
+        return render(spec, req, sdk=f"sagemaker {sdk_version()}")
 
     def submit(
         self, config: RunConfig, *, config_path: str | None, overrides: list[str], run_dir: Path | None
@@ -117,14 +117,14 @@ class SageMakerBackend:
         boto = self.session(config.backend.region)
         preflight.require_credentials(boto)  # the pre-flight checks come before anything is uploaded
         with quiet_sdk():
-            plan = self.plan(config, config_path, boto)
-        for note in plan.notes:
+            spec = self.spec(config, config_path, boto)
+        for note in spec.notes:
             log.warning("%s", note)
-        bucket = config.backend.bucket or preflight.default_bucket(plan.region, preflight.account_id(boto))
+        bucket = config.backend.bucket or preflight.default_bucket(spec.region, preflight.account_id(boto))
         preflight.ensure_writable_bucket(
             boto,
             bucket,
-            region=plan.region,
+            region=spec.region,
             prefix=config.backend.s3_prefix,
             setting="backend.bucket",
             create=not config.backend.bucket,
@@ -132,19 +132,19 @@ class SageMakerBackend:
         )
         version = sdk_version()
         with tempfile.TemporaryDirectory(prefix="sftbridge-sagemaker-") as tmp:
-            code = stage_source(Path(tmp) / CODE_CHANNEL, plan.config_file)
-            channels = stage_channels(Path(tmp) / "data", plan.channels)
+            code = stage_source(Path(tmp) / CODE_CHANNEL, spec.config_file)
+            channels = stage_channels(Path(tmp) / "data", spec.channels)
             submit = submit_v3 if int(version.split(".")[0]) >= 3 else submit_v2
             try:
                 with quiet_sdk():
-                    job_name = submit(plan, boto, bucket, {**channels, CODE_CHANNEL: code})
+                    job_name = submit(spec, boto, bucket, {**channels, CODE_CHANNEL: code})
             except Exception as exc:
                 error = _one_line(exc)
                 if error is exc:
                     raise
                 raise error from exc
         job = SageMakerJob(job_name, boto, run_dir=run_dir)
-        _write_record(job, plan, version, config_path)
+        _write_record(job, spec, version, config_path)
         log.info("submitted %s: %s", job_name, job.console_url)
         return job
 
@@ -188,7 +188,7 @@ def _image(config: RunConfig, region: str) -> str:
     return image
 
 
-def _write_record(job: SageMakerJob, plan: JobPlan, version: str, config_path: str | None) -> None:
+def _write_record(job: SageMakerJob, spec: JobSpec, version: str, config_path: str | None) -> None:
     """What fetch needs later, on any machine: where each channel came from and its sha256."""
     from botocore.exceptions import ClientError
 
@@ -201,12 +201,12 @@ def _write_record(job: SageMakerJob, plan: JobPlan, version: str, config_path: s
         "job_name": job.id,
         "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sdk": f"sagemaker {version}",
-        "image": plan.image,
+        "image": spec.image,
         "config_path": config_path,
-        "config_file_shipped": plan.config_file is not None,
+        "config_file_shipped": spec.config_file is not None,
         "inputs": {
             c.name: {"source": c.source, "s3_uri": uris.get(c.name), "sha256": c.sha256}
-            for c in plan.channels
+            for c in spec.channels
         },
         "git": git_state(),
     }

@@ -44,7 +44,7 @@ class Channel:
 
 
 @dataclass
-class JobPlan:
+class JobSpec:
     config: RunConfig  # as submitted, with train.checkpoint_dir pointing at CHECKPOINT_DIR
     base_job_name: str
     region: str
@@ -111,7 +111,7 @@ def check_backend(config: RunConfig, region: str | None, instance_types: set[str
         raise ConfigError(f"backend.environment: {bad_env[0]!r} is not a valid environment variable name")
 
 
-def make_plan(config: RunConfig, *, config_path: str | None, region: str, image: str) -> JobPlan:
+def make_job_spec(config: RunConfig, *, config_path: str | None, region: str, image: str) -> JobSpec:
     """The job for ``config``: hyperparameters, channels, environment. Raises ConfigError/DataError."""
     notes: list[str] = []
     if config.train.checkpoint_dir not in (None, CHECKPOINT_DIR):
@@ -138,7 +138,7 @@ def make_plan(config: RunConfig, *, config_path: str | None, region: str, image:
     hyperparameters, config_file = _hyperparameters(job_config, config_path, budget=100 - len(reserved))
     if config_file is not None:
         notes.append(f"the config is too long for hyperparameters alone: {config_file.name} is shipped too")
-    plan = JobPlan(
+    spec = JobSpec(
         config=job_config,
         base_job_name=base_job_name(config.run_name),
         region=region,
@@ -151,9 +151,9 @@ def make_plan(config: RunConfig, *, config_path: str | None, region: str, image:
         config_file=config_file,
         notes=notes,
     )
-    _refuse_secrets(plan)
-    _notes(plan)
-    return plan
+    _refuse_secrets(spec)
+    _notes(spec)
+    return spec
 
 
 def _hyperparameters(
@@ -219,10 +219,10 @@ def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
     return environment
 
 
-def _refuse_secrets(plan: JobPlan) -> None:
+def _refuse_secrets(spec: JobSpec) -> None:
     """No secret from this machine's environment may reach a hyperparameter or an environment variable."""
-    fields = {f"hyperparameter {k}": f"{k}={v}" for k, v in plan.all_hyperparameters().items()}
-    fields.update({f"backend.environment.{k}": v for k, v in plan.environment.items() if k != "HF_TOKEN"})
+    fields = {f"hyperparameter {k}": f"{k}={v}" for k, v in spec.all_hyperparameters().items()}
+    fields.update({f"backend.environment.{k}": v for k, v in spec.environment.items() if k != "HF_TOKEN"})
     for name in SECRET_ENV_VARS:
         secret = os.environ.get(name, "")
         if len(secret) < 8:
@@ -234,15 +234,15 @@ def _refuse_secrets(plan: JobPlan) -> None:
                 )
 
 
-def _notes(plan: JobPlan) -> None:
-    model = plan.config.model
+def _notes(spec: JobSpec) -> None:
+    model = spec.config.model
     from_hub = not model.name_or_path.startswith(("builtin:", "s3://", "/"))
-    if from_hub and not model.hf_token_secret and not plan.config.backend.pass_hf_token:
-        plan.notes.append(
+    if from_hub and not model.hf_token_secret and not spec.config.backend.pass_hf_token:
+        spec.notes.append(
             f"{model.name_or_path} is downloaded inside the job without a token; for a gated model set "
             "model.hf_token_secret=<Secrets Manager secret> (the role needs secretsmanager:GetSecretValue)"
         )
-    if plan.price_per_hour is None:
-        plan.notes.append(
-            f"no price for {plan.backend.instance_type} in the price table ({PRICE_TABLE_DATE})"
+    if spec.price_per_hour is None:
+        spec.notes.append(
+            f"no price for {spec.backend.instance_type} in the price table ({PRICE_TABLE_DATE})"
         )
