@@ -21,7 +21,7 @@ from sftbridge.planning.estimate import (
     make_plan,
     weight_bytes,
 )
-from sftbridge.planning.hardware import INSTANCES, PRICE_TABLE_DATE
+from sftbridge.planning.hardware import GPUS, INSTANCES, PRICE_TABLE_DATE, instance_bf16
 from sftbridge.planning.model_shapes import KNOWN_SHAPES, model_shapes
 
 LLAMA2_7B = KNOWN_SHAPES["meta-llama/llama-2-7b-chat-hf"]
@@ -267,3 +267,81 @@ def test_cli_json() -> None:
     assert plan["cost"]["price_table_date"] == PRICE_TABLE_DATE
     assert plan["memory_bytes"]["peak_total"] > plan["memory_bytes"]["peak_reserved"]
     assert run_cli("plan", "configs/tiny-cpu.yaml", "--gpu", "tpu").returncode == 2
+
+
+# Every GPU family SageMaker trains on: (an instance type, its GPU key, GPUs, MiB per GPU, bf16).
+SAGEMAKER_GPUS = [
+    ("ml.g4dn.xlarge", "t4", 1, 15360, False),
+    ("ml.g4dn.12xlarge", "t4", 4, 15360, False),
+    ("ml.p3.2xlarge", "v100", 1, 16160, False),
+    ("ml.p3.16xlarge", "v100", 8, 16160, False),
+    ("ml.p3dn.24xlarge", "v100-32gb", 8, 32480, False),
+    ("ml.g5.xlarge", "a10g", 1, 23028, True),
+    ("ml.g6.xlarge", "l4", 1, 23034, True),
+    ("ml.g6e.xlarge", "l40s", 1, 46068, True),
+    ("ml.p4d.24xlarge", "a100-40gb", 8, 40960, True),
+    ("ml.p4de.24xlarge", "a100-80gb", 8, 81920, True),
+    ("ml.p5.48xlarge", "h100", 8, 81559, True),
+    ("ml.p5e.48xlarge", "h200", 8, 143771, True),
+    ("ml.p5en.48xlarge", "h200", 8, 143771, True),
+]
+
+
+@pytest.mark.parametrize(("instance_type", "gpu", "count", "mib", "bf16"), SAGEMAKER_GPUS)
+def test_sagemaker_gpus_in_the_table(instance_type: str, gpu: str, count: int, mib: int, bf16: bool) -> None:
+    entry = INSTANCES[instance_type]
+    assert (entry.gpu, entry.gpus) == (gpu, count)
+    assert GPUS[gpu].memory_mib == mib and GPUS[gpu].bf16 is bf16
+    assert instance_bf16(instance_type) is bf16
+
+
+def test_instance_bf16_by_family() -> None:
+    """deploy's dtype: a size the table lacks takes its family's flag; an unknown family is a newer card."""
+    assert instance_bf16("ml.g4dn.metal") is False and instance_bf16("ml.p2.xlarge") is False
+    assert instance_bf16("ml.g5.96xlarge") is True and instance_bf16("ml.g7e.2xlarge") is True
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "precision"),
+    [
+        ("ml.g4dn.xlarge", "fp16"),
+        ("ml.p3.2xlarge", "fp16"),
+        ("ml.g5.2xlarge", "bf16"),
+        ("ml.p5.48xlarge", "bf16"),
+    ],
+)
+def test_plan_says_fp16_without_bf16(in_root: None, instance_type: str, precision: str) -> None:
+    plan = make_plan(config_7b("llama2-7b-chat-qlora"), instance_type=instance_type, lengths=SKEWED)
+    assert plan.precision == precision and plan.to_dict()["precision"] == precision
+    assert any("has no bf16" in note for note in plan.notes) is (precision == "fp16")
+    assert not plan.warnings
+
+
+def test_plan_warns_when_bf16_is_asked_of_a_v100(in_root: None) -> None:
+    config = config_7b("llama2-7b-chat-qlora", "train.precision=bf16")
+    (warning,) = make_plan(config, gpu="v100", lengths=SKEWED).warnings
+    assert "train.precision=bf16: the Tesla V100-SXM2-16GB has no bf16" in warning
+    assert make_plan(config, gpu="a10g", lengths=SKEWED).warnings == []
+
+
+def test_run_resolves_fp16_on_a_gpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A V100/T4 as torch sees it: bf16 only through emulation. The run must not take that for support."""
+    import torch
+
+    from sftbridge.config import TrainSection
+    from sftbridge.training.modeling import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision(TrainSection(), "cuda") == "fp16"
+    assert resolve_precision(TrainSection(precision="bf16"), "cuda") == "bf16"  # asked for: taken as asked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
+    assert resolve_precision(TrainSection(), "cuda") == "bf16"
+
+
+def test_an_instance_without_a_price_has_no_cost(in_root: None) -> None:
+    config = config_7b("llama2-7b-chat-qlora")
+    p5e = make_plan(config, instance_type="ml.p5e.48xlarge", lengths=SKEWED)
+    assert INSTANCES["ml.p5e.48xlarge"].usd_per_hour is None
+    assert p5e.cost is None and p5e.throughput.training_hours is not None and p5e.fits
+    g4dn = make_plan(config, instance_type="ml.g4dn.xlarge", lengths=SKEWED)
+    assert g4dn.cost is not None and g4dn.cost.usd == pytest.approx(g4dn.cost.billed_hours * 0.7364)

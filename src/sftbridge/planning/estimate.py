@@ -492,6 +492,7 @@ class Plan:
     throughput: Throughput
     cost: Cost | None
     fits: bool | None
+    precision: str  # what the run computes in there: bf16, fp16 (a GPU without bf16) or fp32 (the CPU)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -514,6 +515,7 @@ class Plan:
             "throughput": asdict(self.throughput),
             "cost": asdict(self.cost) if self.cost else None,
             "fits": self.fits,
+            "precision": self.precision,
             "warnings": self.warnings,
             "notes": self.notes,
         }
@@ -559,6 +561,12 @@ def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machi
             "(a dense block-diagonal mask), quadratic in its tokens; set model.attn_implementation="
             "flash_attention_2 on a GPU"
         )
+    precision, warnings = _precision(config, target)
+    if target.gpu is not None and not target.gpu.bf16:
+        notes.append(
+            f"the {target.gpu.name} has no bf16: the run trains in fp16 with loss scaling (train.precision="
+            f"auto), and the time is reckoned at its fp16 tensor peak"
+        )
     if target.kind == "cpu" and config.model.load_in_4bit:
         notes.append("4-bit on the CPU: bitsandbytes' CPU kernels are far slower than a GPU's")
     return Plan(
@@ -570,8 +578,26 @@ def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machi
         throughput=speed,
         cost=cost(target, speed.training_hours, config.backend.use_spot),
         fits=fits,
+        precision=precision,
+        warnings=warnings,
         notes=notes,
     )
+
+
+def _precision(config: RunConfig, target: Machine) -> tuple[str, list[str]]:
+    """What ``training.modeling.resolve_precision`` will pick on the target, and a warning where the config
+    asks for bf16 on a card that has none."""
+    asked = config.train.precision
+    if target.kind == "cpu":
+        return "fp32", []
+    if target.gpu is None:
+        return asked if asked != "auto" else "bf16 (fp16 on a GPU without bf16)", []
+    if asked == "bf16" and not target.gpu.bf16:
+        return "bf16", [
+            f"train.precision=bf16: the {target.gpu.name} has no bf16 (torch emulates it, many times "
+            "slower); set train.precision=auto or fp16"
+        ]
+    return (asked if asked != "auto" else ("bf16" if target.gpu.bf16 else "fp16")), []
 
 
 def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine, plan: Plan) -> str:

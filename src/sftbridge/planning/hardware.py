@@ -1,4 +1,5 @@
-"""The machines a plan is checked against: GPUs (memory, bf16 peak) and SageMaker instances with their prices.
+"""The machines a plan is checked against: GPUs (memory, 16-bit peak, bf16 or not) and SageMaker instances
+with their prices.
 
 One table each; ``sftbridge plan``, the SageMaker training backend, ``deploy`` and the benchmarks read them
 from here.
@@ -16,8 +17,11 @@ MIB = 1 << 20
 class Gpu:
     name: str
     memory_mib: int  # total, as nvidia-smi reports it
-    bf16_tflops: float  # dense peak (no sparsity), NVIDIA datasheets
-    mfu: float  # ASSUMED model-FLOPs utilisation of bf16 LoRA (4N accounting); replace with measured values
+    # Dense tensor-core peak (no sparsity, NVIDIA datasheets) of the 16-bit type the card trains in: bf16, or
+    # fp16 where it has no bf16 (V100, T4)
+    bf16_tflops: float
+    mfu: float  # ASSUMED model-FLOPs utilisation of 16-bit LoRA (4N accounting); replace with measured values
+    bf16: bool = True  # Ampere and newer; before it, training runs in fp16 (modeling.resolve_precision)
 
     @property
     def memory_bytes(self) -> int:
@@ -27,6 +31,12 @@ class Gpu:
 # The MFU column is an assumption, not a measurement: HF/TRL LoRA on 7B-class models reaches roughly a third
 # of the dense peak on A100s; faster cards lose more to launch overhead. Replace with the harness's figures.
 GPUS: dict[str, Gpu] = {
+    # Kepler: no 16-bit tensor math (the figure is its fp32 peak per GPU, half a K80 board); current PyTorch
+    # builds no longer run on it. Listed so that deploy picks fp16 for ml.p2 as it always did.
+    "k80": Gpu("Tesla K80", 11441, 4.37, 0.30, bf16=False),
+    "t4": Gpu("Tesla T4", 15360, 65.0, 0.30, bf16=False),  # fp16 tensor peak
+    "v100": Gpu("Tesla V100-SXM2-16GB", 16160, 125.0, 0.30, bf16=False),  # fp16 tensor peak, SXM2
+    "v100-32gb": Gpu("Tesla V100-SXM2-32GB", 32480, 125.0, 0.30, bf16=False),
     # NVIDIA publishes no A10G datasheet; it is GA102 like the A10, whose 125 TFLOPS bf16 is used here.
     "a10g": Gpu("NVIDIA A10G", 23028, 125.0, 0.30),
     "a10": Gpu("NVIDIA A10", 23028, 125.0, 0.30),
@@ -38,12 +48,18 @@ GPUS: dict[str, Gpu] = {
     "h100": Gpu("NVIDIA H100 80GB HBM3", 81559, 989.0, 0.30),
     "h200": Gpu("NVIDIA H200", 143771, 989.0, 0.30),
 }
-GPU_ALIASES = {"a100": "a100-40gb", "4090": "rtx4090", "h100-80gb": "h100"}
+GPU_ALIASES = {"a100": "a100-40gb", "4090": "rtx4090", "h100-80gb": "h100", "v100-16gb": "v100"}
 
-# SageMaker training, on-demand, us-east-1, USD per instance-hour. g5/g6/g6e/p4d: the AWS Price List API's
-# SageMaker training rates as published in August 2026 (g5 and p4d unchanged since June 2024); p5: a public
-# listing of the same month, not checked against AWS. Spot is billed at the spot price (often 60-70% less).
-PRICE_TABLE_DATE = "2026-08"
+# SageMaker training, on-demand, us-east-1, USD per instance-hour. Spot is billed at the spot price (often
+# 60-70% less). None = no source found: never a guess.
+# - g5/g6/g6e/p4d: the AWS Price List API's SageMaker training rates as published in August 2026 (g5 and p4d
+#   unchanged since June 2024); p5: a public listing of the same month, not checked against AWS.
+# - g4dn/p3/p3dn (added 2026-12-01): the table copied from https://aws.amazon.com/sagemaker/pricing/ in
+#   github.com/goerlitz/nlp-classification, notebooks/10kGNAD/sagemaker/README.md (undated, region not stated:
+#   that page's default is us-east-1); github.com/JHUAPL-DTC-TA2/wiki docs/sagemaker_instances.md gives the
+#   same p3.2xlarge, p3.8xlarge, g4dn.4xlarge and g4dn.8xlarge rates. Not checked against the Price List API.
+# - p2, p4de, p5e, p5en: no source found on 2026-12-01 (searched public pages and code): None.
+PRICE_TABLE_DATE = "2026-08 (g4dn/p3: 2026-12-01)"
 PRICE_TABLE_NOTE = "on-demand SageMaker training, us-east-1; other regions differ, verify before budgeting"
 
 
@@ -54,6 +70,19 @@ class Instance(NamedTuple):
 
 
 INSTANCES: dict[str, Instance] = {
+    "ml.p2.xlarge": Instance("k80", 1, None),
+    "ml.p2.8xlarge": Instance("k80", 8, None),
+    "ml.p2.16xlarge": Instance("k80", 16, None),
+    "ml.g4dn.xlarge": Instance("t4", 1, 0.7364),
+    "ml.g4dn.2xlarge": Instance("t4", 1, 0.94),
+    "ml.g4dn.4xlarge": Instance("t4", 1, 1.505),
+    "ml.g4dn.8xlarge": Instance("t4", 1, 2.72),
+    "ml.g4dn.16xlarge": Instance("t4", 1, 5.44),
+    "ml.g4dn.12xlarge": Instance("t4", 4, 4.89),
+    "ml.p3.2xlarge": Instance("v100", 1, 3.825),
+    "ml.p3.8xlarge": Instance("v100", 4, 14.688),
+    "ml.p3.16xlarge": Instance("v100", 8, 28.152),
+    "ml.p3dn.24xlarge": Instance("v100-32gb", 8, 35.894),
     "ml.g5.xlarge": Instance("a10g", 1, 1.408),
     "ml.g5.2xlarge": Instance("a10g", 1, 1.515),
     "ml.g5.4xlarge": Instance("a10g", 1, 2.03),
@@ -81,6 +110,8 @@ INSTANCES: dict[str, Instance] = {
     "ml.p4d.24xlarge": Instance("a100-40gb", 8, 37.688),
     "ml.p4de.24xlarge": Instance("a100-80gb", 8, None),
     "ml.p5.48xlarge": Instance("h100", 8, 113.07),
+    "ml.p5e.48xlarge": Instance("h200", 8, None),
+    "ml.p5en.48xlarge": Instance("h200", 8, None),
 }
 
 
@@ -103,3 +134,13 @@ def gpu_memory(instance_type: str) -> tuple[int, int] | None:
     """(GPUs, total GPU MiB) of an instance in the table; None for one it does not list."""
     entry = INSTANCES.get(instance_type)
     return None if entry is None else (entry.gpus, entry.gpus * GPUS[entry.gpu].memory_mib)
+
+
+def instance_bf16(instance_type: str) -> bool:
+    """Whether an instance's GPUs compute in bf16: the table's flag for the type, or for a listed type of the
+    same family (``ml.g4dn.*``); True for a family the table does not list (newer cards all have bf16)."""
+    entry = INSTANCES.get(instance_type)
+    if entry is None:
+        family = instance_type.split(".")[1] if instance_type.count(".") == 2 else ""
+        entry = next((e for name, e in INSTANCES.items() if name.split(".")[1] == family), None)
+    return entry is None or GPUS[entry.gpu].bf16

@@ -35,7 +35,7 @@ from typing import Any
 
 from sftbridge.aws import preflight as aws_checks
 from sftbridge.errors import UserError
-from sftbridge.planning.hardware import gpu_memory
+from sftbridge.planning.hardware import gpu_memory, instance_bf16
 from sftbridge.serving import defaults
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ RECORD_TAG = "sftbridge:record"  # s3://.../NAME/record/ : manifest + tokenizer,
 VARIANT = "AllTraffic"
 NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's endpoint/model name rule
 WEIGHTS_SHARE_OF_GPU = 0.8  # the rest is TGI's KV cache and activations
-NO_BF16 = ("ml.p2.", "ml.p3.", "ml.g4dn.")  # pre-Ampere GPUs: fp16 weights
 
 
 class DeployError(UserError):
@@ -244,7 +243,7 @@ def deploy(
     with tempfile.TemporaryDirectory(prefix="sftbridge-deploy-") as tmp:
         folder = source
         if not merged:
-            dtype = dtype or ("float16" if instance_type.startswith(NO_BF16) else "bfloat16")
+            dtype = dtype or ("bfloat16" if instance_bf16(instance_type) else "float16")  # pre-Ampere: fp16
             log.info("merging %s into %s weights", source, dtype)
             folder = merge_run(source, Path(tmp) / "merged", dtype=dtype, device="auto")
         _check_fits(folder, target)

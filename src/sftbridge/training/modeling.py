@@ -114,7 +114,9 @@ def resolve_precision(train: TrainSection, device: Device) -> Precision:
         return "fp32"
     if train.precision != "auto":
         return train.precision
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Native bf16 only (Ampere and newer): torch's default also counts the emulation a V100 or T4 can run,
+    # which works but is many times slower than their fp16 tensor cores.
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def torch_dtype(cfg: ModelSection, precision: Precision) -> Any:
