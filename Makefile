@@ -45,3 +45,23 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+# Wheels for benchmarks/gpu_check.sh on the `device` GPU machine (Python 3.12, torch 2.11 cu130, transformers
+# 5.17, peft, accelerate, pandas, pyarrow; no registry). Each wheel's Requires-Dist was checked against that
+# machine's package list: datasets needs dill and multiprocess; pydantic needs pydantic-core, annotated-types,
+# typing-inspection and typing-extensions>=4.16 (the list gives no version). transformers 5.24 and peft 0.21.2
+# travel so the figures are those of the versions pyproject pins. 63.1 MB: 60.8 MiB with the repo, of 64 MiB.
+GPU_WHEELS := bitsandbytes==0.50.2 transformers==5.24.0 peft==0.21.2 trl==1.16.0 datasets==5.2.0 \
+	dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+.PHONY: gpu-wheels
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	grep -qx '/.whl/' "$$(git rev-parse --git-path info/exclude)" 2>/dev/null || \
+		{ mkdir -p "$$(dirname "$$(git rev-parse --git-path info/exclude)")"; \
+		  echo /.whl/ >> "$$(git rev-parse --git-path info/exclude)"; }
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	du -ch .whl/*.whl | tail -1

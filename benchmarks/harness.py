@@ -106,9 +106,13 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model: Any = LlamaForCausalLM(config)  # 7B in bf16 on the GPU: ~13.5 GB, ~1 min to write
-        model = model.to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 on a GPU: no fp32 copy (27 GB for a 7B) on the way
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model: Any = LlamaForCausalLM(config)  # 7B in bf16 on the GPU: ~13.5 GB to write
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_path(ModelSection())).save_pretrained(out_dir)
     return out_dir
@@ -291,18 +295,24 @@ def plain_trl(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
 # ---- driver ------------------------------------------------------------------------------------------------
 
 
-def run_worker(spec: dict[str, Any], threads: int, script: str = __file__) -> dict[str, Any]:
+def run_worker(
+    spec: dict[str, Any], threads: int, script: str = __file__, timeout: float | None = None
+) -> dict[str, Any]:
     """Run ``script --worker SPEC`` in a fresh process; its ``RESULT {...}`` line, or ``{"error": ...}``."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(
-        [sys.executable, script, "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, script, "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"variant": spec["variant"], "error": f"stopped after {timeout:.0f} s: the time budget"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.splitlines()[-15:])
@@ -372,6 +382,22 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="*", help="variants to run (default: all for the device)")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--name", help="result file name without extension (default: harness-<device>[-tag])")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the .md and .json")
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        help="folder for random:<id> models, built once and reused (default: temp)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="seconds for all variants; one that would not finish in what is left is skipped (0 = none)",
+    )
+    parser.add_argument(
+        "--startup-repeats", type=int, default=-1, help="timings of `sftbridge --help` (-1: auto, 0: skip)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -384,33 +410,51 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return
 
+    started = time.perf_counter()
     os.environ.setdefault("SFTBRIDGE_CACHE", str(Path(tempfile.gettempdir()) / "sftbridge-bench-cache"))
     work = Path(tempfile.mkdtemp(prefix="sftbridge-harness-"))
     model = args.model
     if model.startswith("random:"):
-        model = str(build_random_model(model, work / "model"))
+        folder = (args.model_cache or work) / model.removeprefix("random:").replace("/", "--")
+        model = str(build_random_model(model, folder))
     train_file = synthetic_dataset(
         work / "train.jsonl", args.examples, args.median_tokens or args.max_length // 6
     )
     options: dict[str, dict[str, Any]] = {**CPU_OPTIONS, **(CUDA_OPTIONS if args.device == "cuda" else {})}
     variants: dict[str, dict[str, Any]] = {"baseline": {}, "sftbridge": {}}
     variants.update({f"+{name}": change for name, change in options.items()})
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only or k.lstrip("+") in args.only}
+    if args.only:  # in the order given: under a --budget the first ones run first
+        variants = {k: variants[k] for name in args.only for k in variants if name in (k, k.lstrip("+"))}
     base = base_overrides(args, model, train_file)
     best: dict[str, dict[str, Any]] = {}
     for repeat in range(args.repeats):
         names = list(variants)
         names = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotate: no fixed order bias
         for name in names:
-            result = run_worker({"variant": name, "overrides": {**base, **variants[name]}}, args.threads)
+            timeout = None
+            if args.budget:
+                left = args.budget - (time.perf_counter() - started)
+                longest = max(
+                    (r["worker_seconds"] for r in best.values() if "worker_seconds" in r), default=0
+                )
+                if left < 1.2 * longest or left < 20:
+                    best.setdefault(
+                        name, {"variant": name, "error": f"skipped: {left:.0f} s of the budget left"}
+                    )
+                    continue
+                timeout = left
+            spec = {"variant": name, "overrides": {**base, **variants[name]}}
+            worker_started = time.perf_counter()
+            result = run_worker(spec, args.threads, timeout=timeout)
+            result["worker_seconds"] = time.perf_counter() - worker_started
             _progress(result)
             kept = best.get(name)
             if "error" in result or kept is None or "error" in kept:
                 best[name] = result if kept is None or "error" in kept else kept
             elif result["tokens_per_second"] > kept["tokens_per_second"]:
                 best[name] = result
-    startup = cli_startup(max(10, args.repeats * 5))
+    repeats = max(10, args.repeats * 5) if args.startup_repeats < 0 else args.startup_repeats
+    startup = cli_startup(repeats) if repeats else {}
     write_results(args, model, train_file, base, best, startup)
 
 
@@ -456,6 +500,8 @@ def write_results(
         },
         "model": args.model,
         "load_in_4bit": args.load_in_4bit,
+        # flash-attn is not installed where the GPU figures are taken: sdpa (torch's fused kernels) throughout
+        "attention": "sdpa (the default; +eager_attention where run)",
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "steps": args.steps,
@@ -468,17 +514,17 @@ def write_results(
         if "error" not in result and reference:
             result["tokens_per_second_vs_baseline"] = result["tokens_per_second"] / reference
             result["peak_memory_vs_baseline"] = result["peak_memory_bytes"] / sft_peak
-    help_ratio = startup["sftbridge --help"] / startup["python -c 'import sys'"]
+    help_ratio = startup["sftbridge --help"] / startup["python -c 'import sys'"] if startup else None
     payload = {
         "conditions": conditions,
         "variants": best,
         "cli_startup_seconds": startup,
         "help_ratio": help_ratio,
     }
-    tag = args.device + (f"-{args.tag}" if args.tag else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"harness-{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"harness-{tag}.md").write_text(markdown(payload))
+    name = args.name or "harness-" + args.device + (f"-{args.tag}" if args.tag else "")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.results / f"{name}.md").write_text(markdown(payload))
     print(markdown(payload))
 
 
@@ -501,7 +547,8 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for name, r in payload["variants"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'].splitlines()[-1][:80]} | | | | | | | |")
+            error = r["error"].splitlines()[-1][:80]
+            lines.append(f"| {name} | {error if 'skipped' in error else 'failed: ' + error} | | | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a (CPU)"
         lines.append(
@@ -510,18 +557,22 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {r['peak_memory_bytes'] / 1e6:.0f} MB | {r.get('peak_memory_vs_baseline', 1):.2f}x | {mfu} "
             f"| {r['plan_peak_bytes'] / 1e6:.0f} MB ({r['plan_error']:+.1%}) |"
         )
-    s = payload["cli_startup_seconds"]
-    bare = s["python -c 'import sys'"]
+    kinds = [r["peak_memory_kind"] for r in payload["variants"].values() if "peak_memory_kind" in r]
     lines += [
         "",
-        f"Peak memory: {next(iter(payload['variants'].values())).get('peak_memory_kind', '')}. "
+        f"Attention: {c['attention']}. Peak memory: {kinds[0] if kinds else 'n/a'}. "
         "Non-pad share: TRL's non-pad token count over the rows x columns fed to the model.",
         "",
-        f"`sftbridge --help`: {s['sftbridge --help'] * 1000:.0f} ms vs `python -c 'import sys'` "
-        f"{bare * 1000:.0f} ms: "
-        f"{payload['help_ratio']:.1f}x (best of each, alternating)",
-        "",
     ]
+    s = payload["cli_startup_seconds"]
+    if s:
+        bare = s["python -c 'import sys'"]
+        lines += [
+            f"`sftbridge --help`: {s['sftbridge --help'] * 1000:.0f} ms vs `python -c 'import sys'` "
+            f"{bare * 1000:.0f} ms: "
+            f"{payload['help_ratio']:.1f}x (best of each, alternating)",
+            "",
+        ]
     return "\n".join(lines)
 
 
