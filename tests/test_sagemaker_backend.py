@@ -13,6 +13,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,20 @@ ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 BUCKET = "sftbridge-test-bucket"
 SEED_JOB = ROOT / "configs" / "llama2-7b-chat-qlora-sagemaker.yaml"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The libraries a job must run at the submitter's versions (issue 11): the staged requirements pin them.
+PINNED_IN_JOBS = (
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "bitsandbytes",
+    "pydantic",
+    "pyyaml",
+    "huggingface-hub",
+)
 IMAGE = (
     "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
     "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
@@ -266,8 +281,11 @@ def test_submit_sends_the_planned_request(aws: None) -> None:
         == (ROOT / "src/sftbridge/training/train.py").read_bytes()
     )
     requirements = s3_get(f"{root}/input/code/requirements.txt").decode().split()
-    assert "transformers>=5.24.0" in requirements and "trl>=1.16.0" in requirements
-    assert not [line for line in requirements if line.startswith("torch")]
+    assert requirements == sorted(requirements)
+    shipped = dict(line.split("==") for line in requirements)  # every line pinned
+    for name in PINNED_IN_JOBS:  # exactly what is installed where the job was submitted
+        assert shipped[name] == metadata.version(name), name
+    assert "torch" not in shipped  # the image's CUDA build stays
     record = json.loads(s3_get(f"{root}/sftbridge-submission.json"))
     digest = hashlib.sha256((ROOT / "data/sciq-sample/train.jsonl").read_bytes()).hexdigest()
     assert record["inputs"]["train"] == {
@@ -686,3 +704,27 @@ def test_cli_train_status_logs_fetch_eval(moto_server: str, model_dir: Path, tmp
     evaluated = sftbridge("eval", str(tmp_path / "run"), "--limit", "3", "--no-base", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "data/sciq-sample/test.jsonl" in evaluated.stdout
+
+
+def test_requirements_ranges_on_request() -> None:
+    """backend.requirements=ranges ships the declared ranges instead of this machine's versions."""
+    from sftbridge.backends.sagemaker.source import requirements
+
+    ranges = requirements(pinned=False)
+    assert "trl>=1.16.0" in ranges and not any("==" in line for line in ranges)
+    assert not any(line.startswith("torch") for line in ranges)
+    assert seed_config("backend.requirements=ranges").backend.requirements == "ranges"
+
+
+def test_image_torch_differing_from_this_machine_is_noted() -> None:
+    spec = make_job_spec(
+        seed_config("backend.pytorch_version=1.0.0"), config_path=None, region="us-east-1", image=IMAGE
+    )
+    assert any("the image's torch 1.0.0" in note for note in spec.notes)
+    same = make_job_spec(
+        seed_config(f"backend.pytorch_version={metadata.version('torch').split('+')[0]}"),
+        config_path=None,
+        region="us-east-1",
+        image=IMAGE,
+    )
+    assert not any("the image's torch" in note for note in same.notes)

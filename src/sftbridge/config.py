@@ -229,6 +229,13 @@ class BackendSection(_Section):
         description="SageMaker: copy the local HF_TOKEN into the job's environment, where "
         "DescribeTrainingJob shows it to anyone with read access; prefer model.hf_token_secret.",
     )
+    # Pinned by default: a job that installs whatever is newest on the day it starts trains with code nobody
+    # tested; the image's own torch is kept either way.
+    requirements: Literal["pinned", "ranges"] = Field(
+        "pinned",
+        description="SageMaker: pinned = the job installs exactly the library versions installed where it is "
+        "submitted; ranges = sftbridge's declared version ranges.",
+    )
 
     @field_validator("options", mode="before")
     @classmethod

@@ -167,6 +167,10 @@ def library_versions() -> dict[str, str | None]:
         "datasets",
         "accelerate",
         "bitsandbytes",
+        "tokenizers",
+        "safetensors",
+        "huggingface-hub",
+        "pydantic",
     ):
         try:
             versions[name] = metadata.version(name)

@@ -19,6 +19,8 @@ PACKAGE_DIR = Path(sftbridge.__file__).resolve().parent
 # The image brings a CUDA build of torch; a torch requirement here would replace it with a PyPI build.
 IMAGE_PROVIDES = {"torch"}
 SHIPPED_EXTRAS = {"qlora"}
+# Not direct requirements, but their versions change what a run computes or how it loads: pinned as well.
+PINNED_TOO = ("huggingface-hub",)
 
 
 def entry_script() -> Path:
@@ -33,8 +35,14 @@ def entry_script() -> Path:
     return script
 
 
-def requirements() -> list[str]:
-    """sftbridge's own requirements (and the QLoRA extra) less what the training image provides."""
+def requirements(pinned: bool = True) -> list[str]:
+    """What the job installs: sftbridge's own requirements (and the QLoRA extra) less what the image provides.
+
+    Pinned (the default): each at the exact version installed here, where the job is submitted, plus the
+    libraries whose versions change training without being direct requirements (``PINNED_TOO``), so a job
+    trains with the code that was tested here and not with whatever is newest on the day it starts. A
+    requirement not installed here keeps its range. ``pinned=False`` ships the declared ranges.
+    """
     from packaging.requirements import Requirement
 
     try:
@@ -50,11 +58,21 @@ def requirements() -> list[str]:
         wanted = marker is None or any(marker.evaluate({"extra": extra}) for extra in SHIPPED_EXTRAS)
         if wanted and requirement.name not in IMAGE_PROVIDES:
             requirement.marker = None
-            lines.append(str(requirement))
-    return sorted(lines)
+            installed = _installed(requirement.name) if pinned else None
+            lines.append(f"{requirement.name}=={installed}" if installed else str(requirement))
+    if pinned:
+        lines += [f"{name}=={version}" for name in PINNED_TOO if (version := _installed(name))]
+    return sorted(set(lines))
 
 
-def stage_source(dest: Path, config_file: Path | None = None) -> Path:
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def stage_source(dest: Path, config_file: Path | None = None, *, pinned: bool = True) -> Path:
     """Write the source directory into ``dest`` (which must not exist); returns ``dest``."""
     dest.mkdir(parents=True)
     shutil.copy2(entry_script(), dest / ENTRY_SCRIPT)
@@ -62,7 +80,7 @@ def stage_source(dest: Path, config_file: Path | None = None) -> Path:
     shutil.copytree(PACKAGE_DIR, dest / "sftbridge", ignore=skip)
     # As in the wheel: builtin:tiny-llama builds its tokenizer from the sample data.
     shutil.copytree(sample_data_dir(), dest / "sftbridge" / "_sample_data")
-    (dest / "requirements.txt").write_text("\n".join(requirements()) + "\n", encoding="utf-8")
+    (dest / "requirements.txt").write_text("\n".join(requirements(pinned)) + "\n", encoding="utf-8")
     if config_file is not None:
         (dest / "config").mkdir()
         shutil.copy2(config_file, dest / "config" / config_file.name)

@@ -242,7 +242,27 @@ def _notes(spec: JobSpec) -> None:
             f"{model.name_or_path} is downloaded inside the job without a token; for a gated model set "
             "model.hf_token_secret=<Secrets Manager secret> (the role needs secretsmanager:GetSecretValue)"
         )
+    local_torch = _installed_torch()
+    image_torch = spec.backend.pytorch_version if not spec.backend.image_uri else None
+    if local_torch and image_torch and _major_minor(local_torch) != _major_minor(image_torch):
+        spec.notes.append(
+            f"the job trains with the image's torch {image_torch}, this machine has {local_torch}: the other "
+            "libraries are pinned to this machine's versions, torch stays the image's CUDA build"
+        )
     if spec.price_per_hour is None:
         spec.notes.append(
             f"no price for {spec.backend.instance_type} in the price table ({PRICE_TABLE_DATE})"
         )
+
+
+def _installed_torch() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
