@@ -23,11 +23,11 @@ demo: install
 	$(VENV)/bin/sftbridge eval runs/demo --json runs/demo/eval-test.json
 	$(VENV)/bin/sftbridge generate runs/demo "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
 
-# Everything the CPU can run (what CI runs): ~5 minutes on 2 cores.
+# Everything the CPU can run: what CI (.ci/run) and the README use.
 test: install
 	$(PY) -m pytest -q -m "not gpu"
 
-# The inner loop: everything but the end-to-end runs marked slow; under 2 minutes on 2 cores.
+# The inner loop: everything but the end-to-end runs marked slow.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
