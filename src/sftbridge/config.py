@@ -419,7 +419,8 @@ def _describe(error: Any, root: type[BaseModel] | None = None, prefix: tuple[str
     """One validation error as ``dotted.key: problem``; ``root`` is the model at ``prefix``."""
     loc = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{loc}: unknown key{_suggest(error['loc'], root or RunConfig)}"
+        hint = "every key: sftbridge config show"
+        return f"{loc}: unknown key{_suggest(error['loc'], root or RunConfig)} ({hint})"
     if error["type"] == "missing":
         return f"{loc}: required, but not set"
     message = error["msg"].removeprefix("Value error, ")

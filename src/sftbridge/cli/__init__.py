@@ -10,7 +10,10 @@ import argparse
 import importlib
 import sys
 
-DESCRIPTION = "LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker."
+DESCRIPTION = (
+    "LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker. "
+    "Config keys: sftbridge config show; a starter config: sftbridge config init."
+)
 # command: (module with `add_arguments(command, parser)`, one-line help)
 COMMANDS = {
     "train": ("sftbridge.cli.train", "fine-tune from a YAML config"),
@@ -30,6 +33,12 @@ COMMANDS = {
     "logs": ("sftbridge.cli.jobs", "a job's log (CloudWatch for SageMaker)"),
     "fetch": ("sftbridge.cli.jobs", "download a finished job's output into a local run directory"),
     "plan": ("sftbridge.cli.plan", "predict peak memory, tokens per step, time per epoch and cost of a run"),
+    "runs": ("sftbridge.cli.runs", "list runs: model, data, epochs, loss, exact match, EOS rate, date"),
+    "compare": ("sftbridge.cli.runs", "two runs side by side: config differences and metrics"),
+    "config": (
+        "sftbridge.cli.config",
+        "config keys (show), a starter file (init), a JSON Schema (schema), JumpStart hyperparameters",
+    ),
 }
 
 

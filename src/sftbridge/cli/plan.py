@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # annotations only: pydantic loads with the config, in cmd_pl
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config, e.g. configs/llama2-7b-chat-qlora.yaml")
+    parser.add_argument(
+        "config", help="YAML config, e.g. configs/llama2-7b-chat-qlora.yaml; keys: sftbridge config show"
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.per_device_batch_size=8"
     )

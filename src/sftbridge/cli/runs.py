@@ -1,0 +1,324 @@
+"""``sftbridge runs [DIR]`` and ``sftbridge compare RUN_A RUN_B``: runs side by side.
+
+Everything is read from what a run folder holds: the manifest (``sftbridge.json``), ``metrics.jsonl`` (it
+grows while a run trains), the resolved ``config.yaml``, and an evaluation summary if ``sftbridge eval`` wrote
+one (any JSON in the folder shaped like ``{"adapter": {"exact_match": ..., "eos_rate": ...}, ...}``). A folder
+that never finished (no ``COMPLETE``, or still ``.<name>.partial``) is listed as unfinished with what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sftbridge.errors import RunDirError
+from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS
+
+EVAL_METRICS = ("exact_match", "contains", "mean_answer_tokens", "eos_rate")
+COLUMNS = (
+    "name",
+    "status",
+    "base model",
+    "data",
+    "epochs",
+    "final loss",
+    "exact match",
+    "EOS rate",
+    "backend",
+    "date",
+)
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "runs":
+        parser.add_argument(
+            "dir", nargs="?", type=Path, default=Path("runs"), help="folder of runs (default: runs)"
+        )
+        parser.add_argument("--json", action="store_true", help="one JSON object per run, in a list")
+        parser.set_defaults(func=cmd_runs)
+    else:
+        parser.add_argument("run_a", type=Path, metavar="RUN_A")
+        parser.add_argument("run_b", type=Path, metavar="RUN_B")
+        parser.add_argument("--json", action="store_true", help="print the differences as JSON")
+        parser.set_defaults(func=cmd_compare)
+
+
+@dataclass
+class RunSummary:
+    """What one run folder says about itself; None where it does not say."""
+
+    path: str
+    name: str
+    finished: bool
+    base_model: str | None = None
+    data: str | None = None
+    epochs: float | None = None
+    final_loss: float | None = None  # the last logged training loss
+    train_loss: float | None = None  # the mean over the run, as the trainer reports it
+    eval_loss: float | None = None
+    global_step: int | None = None
+    exact_match: float | None = None
+    eos_rate: float | None = None
+    eval_file: str | None = None
+    backend: str | None = None
+    date: str | None = None
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    evaluation: dict[str, Any] = field(default_factory=dict, repr=False)
+    data_sha256: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def summarize(path: Path) -> RunSummary:
+    """A run folder (finished or not) as a RunSummary; RunDirError if it is not a run folder at all."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirError(f"{path}: no such run directory")
+    manifest = _json(path / MANIFEST)
+    if manifest is None and not (path / METRICS).is_file() and not (path / CONFIG).is_file():
+        raise RunDirError(f"{path}: not a run directory (no {MANIFEST}, {METRICS} or {CONFIG})")
+    name = path.name.removeprefix(".").removesuffix(".partial")
+    finished = manifest is not None and (path / COMPLETE).is_file() and not path.name.endswith(".partial")
+    summary = RunSummary(str(path), name, finished)
+    config = (manifest or {}).get("config") or _yaml(path / CONFIG) or {}
+    summary.config = config
+    summary.base_model = config.get("model", {}).get("name_or_path")
+    summary.data = config.get("data", {}).get("train_file")
+    summary.epochs = config.get("train", {}).get("epochs")
+    if manifest is not None:
+        metrics = manifest.get("metrics") or {}
+        summary.train_loss = metrics.get("train_loss")
+        summary.eval_loss = metrics.get("eval_loss")
+        summary.global_step = metrics.get("global_step")
+        summary.backend = (manifest.get("backend") or {}).get("name")
+        summary.data_sha256 = (manifest.get("data") or {}).get("sha256") or {}
+    logs = _metrics(path / METRICS)
+    losses = [row["loss"] for row in logs if isinstance(row.get("loss"), int | float)]
+    summary.final_loss = losses[-1] if losses else None
+    if summary.eval_loss is None:
+        evals = [row["eval_loss"] for row in logs if isinstance(row.get("eval_loss"), int | float)]
+        summary.eval_loss = evals[-1] if evals else None
+    if summary.global_step is None:
+        steps = [row["step"] for row in logs if isinstance(row.get("step"), int)]
+        summary.global_step = max(steps) if steps else None
+    evaluation, eval_file = _evaluation(path, config)
+    if evaluation:
+        summary.evaluation, summary.eval_file = evaluation, eval_file
+        summary.exact_match = evaluation["adapter"].get("exact_match")
+        summary.eos_rate = evaluation["adapter"].get("eos_rate")
+    summary.date = _date(path)
+    return summary
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _yaml(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of metrics.jsonl; a line cut short by a crash is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _evaluation(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The run's evaluation summary: the one of its data.test_file if there is one, else the newest."""
+    found = []
+    for candidate in sorted(path.glob("*.json")):
+        if candidate.name == MANIFEST:
+            continue
+        body = _json(candidate)
+        if (
+            isinstance(body, dict)
+            and isinstance(body.get("adapter"), dict)
+            and "exact_match" in body["adapter"]
+        ):
+            found.append((candidate, body))
+    if not found:
+        return {}, None
+    test_file = (config.get("data") or {}).get("test_file")
+    for candidate, body in found:
+        if test_file and Path(str(body.get("data", ""))).name == Path(test_file).name:
+            return body, candidate.name
+    candidate, body = max(found, key=lambda item: item[0].stat().st_mtime)
+    return body, candidate.name
+
+
+def _date(path: Path) -> str:
+    """When the run finished (the COMPLETE marker holds the time), else when its folder last changed."""
+    marker = path / COMPLETE
+    if marker.is_file():
+        text = marker.read_text(encoding="utf-8").strip()
+        try:
+            return datetime.fromisoformat(text).astimezone().strftime("%Y-%m-%d %H:%M")
+        except ValueError:
+            pass
+    newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.iterdir() if p.is_file()])
+    return datetime.fromtimestamp(newest, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def find_runs(root: Path) -> list[RunSummary]:
+    """Every run folder directly under ``root`` (checkpoint folders are not runs), oldest first."""
+    if not root.is_dir():
+        raise RunDirError(f"{root}: no such folder of runs; pass the folder: sftbridge runs DIR")
+    runs = []
+    for child in sorted(root.iterdir()):
+        if not child.is_dir() or child.name.endswith(".checkpoints"):
+            continue
+        try:
+            runs.append(summarize(child))
+        except RunDirError:
+            continue  # any other folder
+    return sorted(runs, key=lambda run: (run.date or "", run.name))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = find_runs(args.dir)
+    if args.json:
+        fields = ("config", "evaluation", "data_sha256")
+        print(
+            json.dumps([{k: v for k, v in asdict(run).items() if k not in fields} for run in runs], indent=2)
+        )
+        return 0
+    if not runs:
+        print(f"no runs in {args.dir}")
+        return 0
+    print(table(runs))
+    return 0
+
+
+def table(runs: list[RunSummary]) -> str:
+    rows = [COLUMNS] + [
+        (
+            run.name,
+            "done" if run.finished else "unfinished",
+            _text(run.base_model),
+            Path(run.data).name if run.data else "-",
+            _number(run.epochs),
+            _number(run.final_loss),
+            _percent(run.exact_match),
+            _percent(run.eos_rate),
+            _text(run.backend),
+            _text(run.date),
+        )
+        for run in runs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    a, b = summarize(args.run_a), summarize(args.run_b)
+    differences = config_differences(a.config, b.config)
+    metrics = metric_rows(a, b)
+    if args.json:
+        body = {
+            "runs": [a.path, b.path],
+            "config": [{"key": k, "a": va, "b": vb} for k, va, vb in differences],
+            "metrics": [{"metric": m, "a": va, "b": vb} for m, va, vb in metrics],
+            "same_data": a.data_sha256 == b.data_sha256 if a.data_sha256 and b.data_sha256 else None,
+        }
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"A  {a.path}{'' if a.finished else '  (unfinished)'}")
+    print(f"B  {b.path}{'' if b.finished else '  (unfinished)'}")
+    print("\nconfig differences" + ("" if differences else ": none"))
+    print(_columns([(key, _show(va), _show(vb)) for key, va, vb in differences], ("key", "A", "B")))
+    if a.data_sha256 and b.data_sha256:
+        same = a.data_sha256 == b.data_sha256
+        print(f"\ndata files: {'same sha256' if same else 'different sha256 (the data changed)'}")
+    print("\nmetrics")
+    print(_columns([(m, _show(va), _show(vb)) for m, va, vb in metrics], ("metric", "A", "B")))
+    return 0
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every key whose values differ, in a's order."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
+    return [(k, flat_a.get(k), flat_b.get(k)) for k in keys if flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def metric_rows(a: RunSummary, b: RunSummary) -> list[tuple[str, Any, Any]]:
+    rows: list[tuple[str, Any, Any]] = [
+        ("global_step", a.global_step, b.global_step),
+        ("final loss (last logged)", a.final_loss, b.final_loss),
+        ("train_loss (mean)", a.train_loss, b.train_loss),
+        ("eval_loss", a.eval_loss, b.eval_loss),
+    ]
+    for side in ("adapter", "base"):
+        for metric in EVAL_METRICS:
+            va = (a.evaluation.get(side) or {}).get(metric)
+            vb = (b.evaluation.get(side) or {}).get(metric)
+            if va is not None or vb is not None:
+                rows.append((f"{side} {metric}", va, vb))
+    if a.evaluation or b.evaluation:
+        rows.append(("evaluated on", a.evaluation.get("data"), b.evaluation.get("data")))
+    return rows
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, list | dict | bool) else str(value)
+
+
+def _columns(rows: list[tuple[str, str, str]], header: tuple[str, str, str]) -> str:
+    if not rows:
+        return ""
+    table_rows = [header, *rows]
+    widths = [max(len(row[i]) for row in table_rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table_rows
+    )
