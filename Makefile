@@ -22,6 +22,7 @@ demo: install
 	$(VENV)/bin/sftbridge eval runs/demo --data data/sciq-sample/train.jsonl --limit 100 --json runs/demo/eval-train.json
 	$(VENV)/bin/sftbridge eval runs/demo --json runs/demo/eval-test.json
 	$(VENV)/bin/sftbridge generate runs/demo "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
+	@echo "report: runs/demo/report.html (curves, both evaluations, answer lengths, sample answers; open it in a browser)"
 
 # Everything the CPU can run: what CI (.ci/run) and the README use.
 test: install

@@ -124,6 +124,7 @@ def test_toolkit_runs_the_unchanged_entry_script(one_epoch: tuple[Path, Any]) ->
         "adapter",
         "config.yaml",
         "metrics.jsonl",
+        "report.html",
         "sftbridge.json",
     }
     assert (model_dir / "adapter" / "adapter_model.safetensors").is_file()

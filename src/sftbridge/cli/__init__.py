@@ -20,6 +20,7 @@ COMMANDS = {
     "preview": ("sftbridge.cli.train", "show training examples exactly as the model sees them"),
     "generate": ("sftbridge.cli.inference", "answer a question with a trained run"),
     "eval": ("sftbridge.cli.inference", "adapter vs. base model on a test file"),
+    "report": ("sftbridge.cli.report", "one HTML page of a run: curves, eval, answer lengths, samples"),
     "serve": (
         "sftbridge.cli.serving",
         "local HTTP endpoint speaking SageMaker's and TGI's API (a run or a merged folder)",

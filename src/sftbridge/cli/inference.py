@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=cmd_generate)
     elif command == "eval":
         parser.add_argument("--data", type=Path, help="JSONL test file (default: the run's data.test_file)")
-        parser.add_argument("--json", type=Path, dest="json_out", help="write the metrics to this JSON file")
+        parser.add_argument(
+            "--json",
+            type=Path,
+            dest="json_out",
+            help="write the metrics to this JSON file and every prediction to OUT's stem + "
+            "-predictions.jsonl beside it (default: RUN/eval-<data file stem>.json)",
+        )
         parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--no-base", action="store_true", help="skip the base model")
@@ -54,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sftbridge.errors import DataError
-    from sftbridge.inference.evaluate import evaluate, format_table, load_cases
+    from sftbridge.inference.evaluate import evaluate, format_table, load_cases, write_results
     from sftbridge.inference.predictor import Predictor
     from sftbridge.runs import load_manifest
 
@@ -63,9 +70,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.run}: the run's config has no data.test_file; pass --data FILE")
     predictor = Predictor.from_run(args.run, device=args.device)
     cases = load_cases(Path(test_file), predictor)[: args.limit]
-    result = evaluate(predictor, cases, batch_size=args.batch_size, base=not args.no_base)
+    progress = Progress(sys.stderr)
+    try:
+        result = evaluate(
+            predictor, cases, batch_size=args.batch_size, base=not args.no_base, progress=progress
+        )
+    finally:
+        progress.close()
+    result = {"data": str(test_file), "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result}
     print(f"{test_file}:")
     print(format_table(result))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    summary = args.json_out or Path(args.run) / f"eval-{Path(test_file).stem}.json"
+    predictions = write_results(result, summary)
+    print(f"summary: {summary}\npredictions: {predictions}")
+    _refresh_report(Path(args.run), summary)
     return 0
+
+
+def _refresh_report(run: Path, summary: Path) -> None:
+    """Rewrite the run's report with this evaluation in it; a failing report is a warning, not an error."""
+    from sftbridge.report import REPORT, write_report
+
+    try:
+        print(f"report: {write_report(run, run / REPORT, extra_evals=[summary])}")
+    except Exception as exc:  # the evaluation is written; a plotting problem must not lose it
+        print(f"warning: the report was not refreshed: {exc}", file=sys.stderr)
+
+
+class Progress:
+    """Evaluation progress on stderr: a bar per stage on a terminal; piped, a line every ~10% of a stage."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.bar: Any = None
+        self.stage = ""
+        self.started = time.monotonic()
+        self.shown = -1
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.started, self.shown = stage, time.monotonic(), -1
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=f"eval {stage}", unit="q", file=self.stream, leave=True)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        tenth = done * 10 // total
+        if tenth > self.shown:
+            self.shown = tenth
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / done * (total - done) if done else 0.0
+            print(
+                f"eval {stage}: {done}/{total} ({done / total:.0%}) {elapsed:.0f}s elapsed, eta {eta:.0f}s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -207,6 +207,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
 
     from sftbridge.aws.secrets import export_hf_token
     from sftbridge.data.loading import load_data
+    from sftbridge.report import write_run_documents
     from sftbridge.training.modeling import (
         check_attention,
         load_model,
@@ -293,6 +294,8 @@ def train(config: RunConfig, run_dir: Path) -> Path:
                 "total_seconds": round(time.time() - started, 2),
             },
         )
+        # adapter/README.md (replacing PEFT's empty card) and report.html; a failure is only a warning
+        write_run_documents(writer.staging, manifest)
         finished = writer.finalize(manifest)
         if not config.train.checkpoint_dir:
             shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go

@@ -1,0 +1,176 @@
+"""What the report shows, read from a run directory: curves, evaluations, data lengths, config changes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftbridge.runs import ADAPTER, METRICS, load_manifest
+
+log = logging.getLogger(__name__)
+
+# metrics.jsonl keys drawn as curves over the optimizer step, besides the patterns in `is_curve`.
+CURVES = ("loss", "eval_loss", "learning_rate", "grad_norm")
+SAMPLES = 10  # sample questions shown per evaluation
+
+
+@dataclass
+class Evaluation:
+    """One `sftbridge eval`: its summary file and every prediction (empty if the predictions file is gone)."""
+
+    path: Path
+    summary: dict[str, Any]
+    predictions: list[dict[str, Any]]
+
+
+@dataclass
+class Lengths:
+    """Token counts of one data split, rendered exactly as training renders it."""
+
+    total: list[int]  # prompt + answer tokens per example
+    answer: list[int]  # trained tokens per example
+
+    def stats(self, which: str) -> dict[str, float]:
+        values = sorted(getattr(self, which))
+        return {
+            "min": values[0],
+            "median": statistics.median(values),
+            "mean": statistics.fmean(values),
+            "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
+            "max": values[-1],
+        }
+
+
+@dataclass
+class ReportData:
+    run_dir: Path
+    manifest: dict[str, Any]
+    curves: dict[str, list[tuple[float, float]]]  # metric -> [(step, value)]
+    evaluations: list[Evaluation]
+    config_changes: list[tuple[str, Any, Any]]  # (key, value, default)
+    lengths: dict[str, Lengths] = field(default_factory=dict)  # split -> lengths
+    lengths_problem: str | None = None  # why lengths are missing
+
+
+def collect(
+    run_dir: Path, *, manifest: dict[str, Any] | None = None, extra_evals: Iterable[Path] = ()
+) -> ReportData:
+    run_dir = Path(run_dir)
+    manifest = manifest if manifest is not None else load_manifest(run_dir)
+    summaries = sorted(run_dir.glob("eval*.json"))
+    summaries += [p for p in map(Path, extra_evals) if p.resolve() not in {s.resolve() for s in summaries}]
+    data = ReportData(
+        run_dir=run_dir,
+        manifest=manifest,
+        curves=read_curves(run_dir / METRICS),
+        evaluations=[e for e in map(read_evaluation, summaries) if e is not None],
+        config_changes=config_changes(manifest["config"]),
+    )
+    try:
+        data.lengths = data_lengths(run_dir, manifest)
+    except Exception as exc:  # the data may live elsewhere (a fetched SageMaker run): say so, show the rest
+        data.lengths_problem = f"{type(exc).__name__}: {exc}"
+    return data
+
+
+def is_curve(key: str) -> bool:
+    """Training curves, the trainer's throughput and the answer metrics of generation during training."""
+    return (
+        key in CURVES
+        or (key.endswith("tokens_per_second") and not key.startswith("train_"))
+        or key.removeprefix("eval_").startswith("answer_")
+    )
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """metric -> [(step, value)] from metrics.jsonl; a step logged twice keeps its last value."""
+    points: dict[str, dict[float, float]] = {}
+    if not path.is_file():
+        return {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        step = row.get("step")
+        if not isinstance(step, int | float):
+            continue
+        for key, value in row.items():
+            if is_curve(key) and isinstance(value, int | float) and not isinstance(value, bool):
+                points.setdefault(key, {})[float(step)] = float(value)
+    return {key: sorted(values.items()) for key, values in points.items()}
+
+
+def read_evaluation(path: Path) -> Evaluation | None:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: not an evaluation summary (%s)", path, exc)
+        return None
+    if not isinstance(summary, dict) or "adapter" not in summary:
+        return None
+    predictions: list[dict[str, Any]] = []
+    if summary.get("predictions_file"):
+        predictions_file = path.with_name(summary["predictions_file"])
+        if predictions_file.is_file():
+            lines = predictions_file.read_text(encoding="utf-8").splitlines()
+            predictions = [json.loads(line) for line in lines if line.strip()]
+    return Evaluation(path, summary, predictions)
+
+
+def config_changes(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value, default) of every setting that differs from the schema's default."""
+    from pydantic import BaseModel
+
+    from sftbridge.config import RunConfig
+
+    changes: list[tuple[str, Any, Any]] = []
+
+    def walk(schema: type[BaseModel], values: dict[str, Any], prefix: str) -> None:
+        for name, info in schema.model_fields.items():
+            value = values.get(name)
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(value, dict):
+                walk(kind, value, f"{prefix}{name}.")
+                continue
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
+            if value != default:
+                changes.append((f"{prefix}{name}", value, "(required)" if info.is_required() else default))
+
+    walk(RunConfig, config, "")
+    return changes
+
+
+def data_lengths(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Lengths]:
+    """Token lengths of the train and validation splits, re-rendered through the run's own tokenizer and
+    prompt format (the data files must still be where the config says, with the sha256 recorded)."""
+    from transformers import AutoTokenizer
+
+    from sftbridge.config import RunConfig
+    from sftbridge.data.formatting import IGNORE_INDEX, PromptFormat
+    from sftbridge.data.loading import load_data, to_example
+
+    config = RunConfig.model_validate(manifest["config"])
+    loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
+    recorded = manifest.get("data", {}).get("sha256", {})
+    changed = [path for path, digest in loaded.sha256.items() if recorded.get(path, digest) != digest]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} changed since the run (sha256 differs)")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    fmt = PromptFormat.from_dict(manifest["prompt_format"])
+    lengths = {}
+    for split, records in (("train", loaded.train), ("validation", loaded.validation)):
+        encoded = [fmt.encode(tokenizer, to_example(record, fmt)) for record in records]
+        if encoded:
+            lengths[split] = Lengths(
+                [len(e.input_ids) for e in encoded],
+                [sum(x != IGNORE_INDEX for x in e.labels) for e in encoded],
+            )
+    return lengths
