@@ -69,6 +69,8 @@ def test_runs_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     make_run(tmp_path, "c-20260303", finished=False)
     (tmp_path / "a-20260301.checkpoints" / "checkpoint-1").mkdir(parents=True)  # not a run
     (tmp_path / "notes").mkdir()  # not a run either
+    (tmp_path / "merged").mkdir()  # `sftbridge merge` output has a manifest of its own kind
+    (tmp_path / "merged" / "sftbridge.json").write_text(json.dumps({"kind": "merged", "run_name": "a"}))
 
     assert main(["runs", str(tmp_path), "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}

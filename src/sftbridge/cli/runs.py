@@ -79,6 +79,8 @@ def summarize(path: Path) -> RunSummary:
     manifest = _json(path / MANIFEST)
     if manifest is None and not (path / METRICS).is_file() and not (path / CONFIG).is_file():
         raise RunDirError(f"{path}: not a run directory (no {MANIFEST}, {METRICS} or {CONFIG})")
+    if isinstance(manifest, dict) and manifest.get("kind", "run") != "run":
+        raise RunDirError(f"{path}: a {manifest['kind']} model folder, not a run")  # `sftbridge merge` output
     name = path.name.removeprefix(".").removesuffix(".partial")
     finished = manifest is not None and (path / COMPLETE).is_file() and not path.name.endswith(".partial")
     summary = RunSummary(str(path), name, finished)
