@@ -200,12 +200,39 @@ def git_state(where: Path | None = None) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; the trainer callback and the final evaluation write here."""
+    """``metrics.jsonl``: one JSON object per line, each with its own ``time``, written as the trainer logs.
+
+    Every line is appended and closed at once, so a running or killed run can be read (and plotted) up to the
+    last step it logged.
+    """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        record = {"time": round(time.time(), 3), **record}
+        if "time" not in record:
+            record = {"time": round(time.time(), 3), **record}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(redact(json.dumps(record)) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete line; a last line cut short by a kill is skipped."""
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def restart_at(self, step: int) -> None:
+        """Keep only the lines up to ``step`` (the checkpoint a run resumes from): the steps after it are
+        trained again, and their old lines would be duplicates; so would the summary (``train_runtime``) of
+        the attempt that stopped. ``step`` 0 starts an empty file."""
+        kept = [r for r in self.read() if int(r.get("step", 0)) <= step and "train_runtime" not in r]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        partial.replace(self.path)
