@@ -96,6 +96,7 @@ class LocalBackend:
             **os.environ,
             "SFTBRIDGE_BACKEND": self.name,
             "SFTBRIDGE_JOB_ID": job_id,
+            "SFTBRIDGE_TTY": "1" if sys.stdout.isatty() else "0",  # the child's output is piped: bar or lines
             "PYTHONUNBUFFERED": "1",
         }
         process = subprocess.Popen(
