@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,qlora,sagemaker]"
+	$(PY) -m pip install -q -e ".[dev,qlora,sagemaker,serve]"
 	touch $@
 
 # Build the tiny model, train it with LoRA on data/sciq-sample on the CPU, evaluate adapter vs. base.
