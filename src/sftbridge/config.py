@@ -142,7 +142,21 @@ class TrainSection(_Section):
     # lengths and trained 2.2-2.65x the tokens/s of random batches (CPU, benchmarks/results/harness-cpu.md).
     # The first batch is the longest, so a run that will not fit fails at step 1, not mid-epoch.
     group_by_length: bool = Field(True, description="Batch examples of similar length: less padding.")
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(10, gt=0, description="Log (a progress line, metrics.jsonl) every N steps.")
+    report_to: list[Literal["tensorboard", "trackio", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the logs, each an optional extra "
+        "(pip install 'sftbridge[mlflow]'); [] = none.",
+    )
+    tracking_project: str = Field(
+        "sftbridge", description="MLflow experiment, or W&B / Trackio project, the run is logged under."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server: a URI, a folder, or a SageMaker managed MLflow server ARN "
+        "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>); None = MLFLOW_TRACKING_URI "
+        "or ./mlruns.",
+    )
     checkpoint_dir: str | None = Field(
         None,
         description="Where checkpoints go; default: beside the run folder. Training resumes from the newest "
@@ -156,6 +170,19 @@ class TrainSection(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value  # train.report_to=mlflow on the command line
+
+    @model_validator(mode="after")
+    def _mlflow_uri_needs_mlflow(self) -> TrainSection:
+        if self.mlflow_tracking_uri and "mlflow" not in self.report_to:
+            raise ValueError("mlflow_tracking_uri is set but 'mlflow' is not in train.report_to; add it")
+        return self
 
 
 class BackendSection(_Section):
