@@ -178,6 +178,68 @@ class TrainSection(_Section):
             return []
         return [value] if isinstance(value, str) else value  # train.report_to=mlflow on the command line
 
+    # Answer quality while it trains (training/answer_metrics.py, issue 15): the loss alone did not show that
+    # JumpStart's defaults learned almost nothing and answered six times too long.
+    answer_metrics: bool = Field(
+        True,
+        description="Score greedy answers to a fixed sample of questions while training (Q/A and template "
+        "data): answer_exact_match, _contains, _mean_tokens, _eos_rate; a verdict at the end.",
+    )
+    answer_metrics_points: int = Field(
+        10,
+        gt=0,
+        description="Evenly spaced points of the run that measure them; every epoch when fewer epochs.",
+    )
+    answer_metrics_samples: int = Field(
+        32,
+        gt=0,
+        le=1024,
+        description="Questions in the sample: validation ones, or training ones when nothing is held out.",
+    )
+    metric_for_best_model: Literal[
+        "eval_loss", "answer_exact_match", "answer_contains", "answer_eos_rate"
+    ] = Field("eval_loss", description="What early stopping and load_best_model_at_end compare.")
+    load_best_model_at_end: bool = Field(
+        False,
+        description="The run's adapter is the best evaluation's by metric_for_best_model, not the last.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop after this many evaluations without a better metric_for_best_model; None = off.",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0.0, description="The least change of metric_for_best_model that counts as an improvement."
+    )
+
+    @model_validator(mode="after")
+    def _keep_best(self) -> TrainSection:
+        if self.eval_strategy == "no" and (self.load_best_model_at_end or self.early_stopping_patience):
+            raise ValueError(
+                "load_best_model_at_end and early_stopping_patience compare evaluations: set "
+                "train.eval_strategy=epoch (or steps) and hold out validation data"
+            )
+        if self.load_best_model_at_end and (
+            (self.eval_strategy == "epoch" and self.save_steps)
+            or (self.eval_strategy == "steps" and self.save_steps != (self.eval_steps or self.logging_steps))
+        ):
+            raise ValueError(
+                "load_best_model_at_end restores a checkpoint, so checkpoints must be written at every "
+                "evaluation: with eval_strategy=epoch leave save_steps unset; with eval_strategy=steps set "
+                "save_steps equal to eval_steps"
+            )
+        return self
+
+    # Checked here, before any model loads, against committed copies of transformers' enumerations.
+    @field_validator("optim")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        return check_name(value, OPTIMIZERS, "optimizer (OptimizerNames)")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        return check_name(value, LR_SCHEDULERS, "scheduler (SchedulerType)")
     @model_validator(mode="after")
     def _mlflow_uri_needs_mlflow(self) -> TrainSection:
         if self.mlflow_tracking_uri and "mlflow" not in self.report_to:

@@ -83,8 +83,15 @@ def render(plan: Plan, config: RunConfig) -> str:
         lines.append(f"cost      no price for {plan.target.instance_type} in the table of {PRICE_TABLE_DATE}")
     if plan.fits is not None:
         lines.append(f"fits      {'yes' if plan.fits else 'NO'}")
+    if plan.learning is not None:
+        lines.append(
+            f"steps     {plan.learning.optimizer_steps} optimizer steps; summed learning rate "
+            f"{plan.learning.lr_sum:.3g}"
+        )
     lines += [f"note      {note}" for note in plan.notes]
     lines += [f"WARNING: {warning}" for warning in plan.warnings]
+    if plan.learning is not None and plan.learning.warning:
+        lines.append(f"WARNING: {plan.learning.warning}")
     return "\n".join(lines)
 
 

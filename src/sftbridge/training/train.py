@@ -197,6 +197,9 @@ def sft_config(
         padding_free=config.train.padding_free,
         use_liger_kernel=config.train.use_liger_kernel,
         train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
+        load_best_model_at_end=config.train.load_best_model_at_end and do_eval,
+        metric_for_best_model=config.train.metric_for_best_model if do_eval else None,
+        greater_is_better=config.train.metric_for_best_model != "eval_loss",
     )
 
 
@@ -208,6 +211,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     from sftbridge.aws.secrets import export_hf_token
     from sftbridge.data.loading import load_data
     from sftbridge.report import write_run_documents
+    from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks, sample_questions
     from sftbridge.training.modeling import (
         check_attention,
         load_model,
@@ -228,6 +232,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     export_hf_token(config.model.hf_token_secret)
     tokenizer = load_tokenizer(config.model)
     data = encode_data(config, loaded, tokenizer)
+    questions = sample_questions(config, loaded)  # the fixed sample the answer metrics ask during training
     del loaded  # the records and texts: the Arrow tables in `data` are all that training needs from here
     device = resolve_device(config.train)
     check_attention(config.model, device)
@@ -261,6 +266,10 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             peft_config=lora_config(config),
             callbacks=[stopper],
         )
+        # Answer metrics first: they add eval_answer_* to an evaluation's metrics before early stopping reads.
+        answers = AnswerMetrics(trainer, questions, data.prompt_format, config) if questions else None
+        for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
+            trainer.add_callback(callback)
 
         # Train: a SIGTERM/SIGINT stops at the next step boundary with a checkpoint to resume from.
         stopper.install()
@@ -277,10 +286,13 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         if rank != 0:
             return run_dir
 
+        learning = learning_verdict(answers, trainer, config)
+
         # Save: adapter, tokenizer, logs and config, then the manifest, and only then move it into place.
         save_outputs(writer, trainer, tokenizer, config)
         manifest = build_manifest(
             config,
+            learning=learning,
             model=model,
             data=data,
             device=device,
@@ -328,10 +340,12 @@ def build_manifest(
     final_eval: dict[str, float],
     resumed_from: Path | None,
     timings: dict[str, float],
+    learning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's ``sftbridge.json``: what it was trained from, how, where, and how it ended.
 
-    ``result`` is what ``trainer.train()`` returned, ``final_eval`` what ``trainer.evaluate()`` did (or {}).
+    ``result`` is what ``trainer.train()`` returned, ``final_eval`` what ``trainer.evaluate()`` did (or {}),
+    ``learning`` what :func:`learning_verdict` found (answer metrics, verdict, best model).
     """
     import torch
 
@@ -371,7 +385,21 @@ def build_manifest(
             "global_step": result.global_step,
             "eval_loss": final_eval.get("eval_loss"),
         },
+        **(learning or {}),
     }
+
+
+def learning_verdict(answers: Any, trainer: Any, config: RunConfig) -> dict[str, Any]:
+    """The manifest's ``answer_metrics`` and ``best_model``; warns, with figures, causes and keys, when the
+    adapter did not learn its answers."""
+    from sftbridge.training.answer_metrics import answer_record, best_model_record
+
+    learning: dict[str, Any] = {"best_model": best_model_record(config, trainer.state)}
+    if answers is not None:
+        learning["answer_metrics"], found = answer_record(answers, config, trainer.state)
+        if found is not None and not found.learned:
+            log.warning(found.message)
+    return learning
 
 
 def out_of_memory(config: RunConfig, device: str) -> UserError:

@@ -1,0 +1,134 @@
+"""Answer metrics while training (issue 15): the schedule, the verdict, keep-the-best keys, and real runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, SAMPLE_TRAIN, write_jsonl
+from sftbridge.config import load_config
+from sftbridge.errors import ConfigError
+from sftbridge.training.answer_metrics import KEYS, REFERENCE_TOKENS, schedule, verdict
+
+
+def figures(exact: float, tokens: float, eos: float, reference: float = 3.0) -> dict[str, float]:
+    return {
+        KEYS["exact_match"]: exact,
+        KEYS["contains"]: exact,
+        KEYS["mean_answer_tokens"]: tokens,
+        KEYS["eos_rate"]: eos,
+        REFERENCE_TOKENS: reference,
+    }
+
+
+def test_schedule_every_epoch_when_few_else_ten_points() -> None:
+    assert schedule(100, 5, 10) == [20, 40, 60, 80, 100]  # 5 epochs: each epoch's end
+    assert schedule(450, 30, 10) == [45 * k for k in range(1, 11)]  # tiny-cpu: 30 epochs, 10 points
+    assert schedule(3, 30, 10) == [1, 2, 3]  # never more points than steps, never step 0
+    assert schedule(7, 2.5, 10) == [2, 5, 7]
+
+
+def test_verdict_learned_and_not() -> None:
+    config = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["train.learning_rate=1e-7"])
+    good = verdict(
+        figures(0.0, 21, 0.0), figures(0.95, 3.1, 1.0), config=config, steps=450, n=32, source="train"
+    )
+    assert good.learned and good.message == "" and good.problems == []
+    bad = verdict(
+        figures(0.0, 21, 0.0), figures(0.0, 20.0, 0.1), config=config, steps=450, n=32, source="train"
+    )
+    assert not bad.learned and len(bad.problems) == 3
+    for text in (
+        "exact match 0% is no better than the base model's 0%",
+        "answers run 20.0 tokens against 3.0",
+        "only 10% of the answers stop at EOS",
+        "450 optimizer steps at train.learning_rate=1e-07",
+        "q_proj, k_proj, v_proj",
+        "train.learning_rate",
+        "lora.target_modules",
+        "configs/facts-small-model.yaml",
+    ):
+        assert text in bad.message
+    # A perfect base cannot be beaten: that is not a failure to learn.
+    assert verdict(
+        figures(1.0, 3, 1.0), figures(1.0, 3, 1.0), config=config, steps=9, n=4, source="x"
+    ).learned
+
+
+def test_keep_best_needs_evaluations_and_aligned_checkpoints() -> None:
+    config = ROOT / "configs" / "tiny-cpu.yaml"
+    with pytest.raises(ConfigError, match=r"train\.eval_strategy=epoch"):
+        load_config(config, ["train.load_best_model_at_end=true"])
+    with pytest.raises(ConfigError, match="save_steps"):
+        load_config(
+            config, ["train.eval_strategy=epoch", "train.load_best_model_at_end=true"]
+        )  # save_steps 150
+    ok = load_config(
+        config,
+        [
+            "train.eval_strategy=epoch",
+            "train.save_steps=null",
+            "train.load_best_model_at_end=true",
+            "train.metric_for_best_model=answer_exact_match",
+            "train.early_stopping_patience=2",
+        ],
+    )
+    assert ok.train.metric_for_best_model == "answer_exact_match"
+
+
+def small_run(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """tiny-cpu on 32 sample pairs for 3 epochs (6 steps), in this process."""
+    from sftbridge.training.train import train
+
+    rows = SAMPLE_TRAIN.read_text().splitlines()[:32]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = load_config(
+        ROOT / "configs" / "tiny-cpu.yaml",
+        [
+            f"data.train_file={data}",
+            "data.test_file=null",
+            "train.epochs=3",
+            "train.save_steps=null",
+            "train.logging_steps=1",
+            *overrides,
+        ],
+    )
+    run = train(config, tmp_path / "run")
+    manifest = json.loads((run / "sftbridge.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return manifest, metrics
+
+
+@pytest.mark.slow  # ~30 s alone on 2 cores; minutes on a loaded machine
+def test_a_run_logs_answer_metrics_per_epoch_and_an_undertrained_one_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    manifest, metrics = small_run(tmp_path, "train.learning_rate=1e-7")
+    answers = [m for m in metrics if "answer_exact_match" in m]
+    assert [m["step"] for m in answers] == [2, 4, 6]  # 3 epochs of 2 steps: every epoch
+    assert "base_answer_exact_match" in answers[0] and "base_answer_exact_match" not in answers[1]
+    for entry in answers:
+        assert 0.0 <= entry["answer_exact_match"] <= entry["answer_contains"] <= 1.0
+        assert 0.0 <= entry["answer_eos_rate"] <= 1.0
+        assert 0 < entry["answer_mean_tokens"] <= manifest["answer_metrics"]["max_new_tokens"]
+    record = manifest["answer_metrics"]
+    assert record["sample"] == 32 and record["source"] == "train" and record["steps"] == [2, 4, 6]
+    assert record["final"]["answer_exact_match"] == answers[-1]["answer_exact_match"]
+    # lr 1e-7 leaves the adapter where the base was: the verdict says so, with its figures.
+    assert record["verdict"]["learned"] is False
+    assert "no better than the base model's" in " ".join(record["verdict"]["problems"])
+    warning = [r.getMessage() for r in caplog.records if "did not learn" in r.getMessage()]
+    assert warning and "train.learning_rate=1e-07" in warning[0] and "6 optimizer steps" in warning[0]
+    assert manifest["best_model"]["load_best_model_at_end"] is False
+
+
+@pytest.mark.slow
+def test_answer_metrics_off(tmp_path: Path) -> None:
+    manifest, metrics = small_run(tmp_path, "train.answer_metrics=false", "train.epochs=1")
+    assert "answer_metrics" not in manifest
+    assert not any(key.startswith(("answer_", "base_answer_")) for m in metrics for key in m)
