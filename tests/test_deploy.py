@@ -23,8 +23,11 @@ ROLE = f"arn:aws:iam::{ACCOUNT}:role/SageMakerExecution"
 BUCKET = f"sagemaker-{REGION}-{ACCOUNT}"  # the SDK's default bucket
 INSTANCE = "ml.g4dn.xlarge"  # moto 5.2's instance list predates ml.g5: a T4 GPU it knows
 QUESTION = "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
-IMAGE = re.compile(
+TGI_IMAGE = re.compile(
     rf"^763104351884\.dkr\.ecr\.{REGION}\.amazonaws\.com/huggingface-pytorch-tgi-inference:[\w.-]+-tgi[\d.]+-gpu-"
+)
+VLLM_IMAGE = re.compile(
+    rf"^763104351884\.dkr\.ecr\.{REGION}\.amazonaws\.com/huggingface-vllm:[\d.]+-transformers[\d.]+-gpu-"
 )
 
 
@@ -99,7 +102,34 @@ def set_endpoint_answer(answer: Any) -> None:
     ).ok
 
 
-def test_deploy_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
+def model_data() -> dict[str, bytes]:
+    """The files of the one model.tar.gz uploaded, as SageMaker would unpack them into /opt/ml/model."""
+    objects = s3_objects()
+    (key,) = [key for key in objects if key.endswith("/model.tar.gz")]
+    with tarfile.open(fileobj=io.BytesIO(objects[key])) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+def assert_no_token(aws: Recorder) -> None:
+    """The Hugging Face token went nowhere: not in a request, not in an uploaded file."""
+    assert not any(FAKE_TOKEN in str(params) for _, params in aws.calls)
+    assert not any(FAKE_TOKEN in raw for raw in aws.raw)
+    assert not any(FAKE_TOKEN.encode() in data for data in [*s3_objects().values(), *model_data().values()])
+
+
+def renders_like_the_run(template: bytes, predictor: Any) -> None:
+    """The chat template that travels formats a conversation exactly as the run's own prompt()."""
+    for messages in (
+        [{"role": "user", "content": QUESTION}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+    ):
+        rendered = predictor.tokenizer.apply_chat_template(
+            messages, chat_template=template.decode(), tokenize=False, add_generation_prompt=True
+        )
+        assert rendered == predictor.prompt(messages)
+
+
+def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
     import boto3
     from botocore.exceptions import ClientError
 
@@ -107,14 +137,23 @@ def test_deploy_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
     from sftbridge.serving.deploy import deploy, invoke, undeploy
 
     result = deploy(trained_run, name="tiny-endpoint", instance_type=INSTANCE, role=ROLE)
-    model_data = f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/model.tar.gz"
-    assert result["status"] == "InService" and result["model_data"] == model_data
+    data_url = f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/model.tar.gz"
+    assert result["status"] == "InService" and result["model_data"] == data_url
+    assert (result["engine"], result["mode"]) == ("vllm", "merged")
 
     # The requests, as sent (moto's describe drops the environment).
     (model,) = aws.of("CreateModel")
-    assert IMAGE.match(model["PrimaryContainer"]["Image"]), model["PrimaryContainer"]["Image"]
-    assert model["PrimaryContainer"]["ModelDataUrl"] == model_data
-    assert model["PrimaryContainer"]["Environment"] == {"HF_MODEL_ID": "/opt/ml/model", "SM_NUM_GPUS": "1"}
+    container = model["PrimaryContainer"]
+    assert VLLM_IMAGE.match(container["Image"]), container["Image"]
+    assert container["ModelDataUrl"] == data_url
+    assert container["Environment"] == {
+        "SM_VLLM_MODEL": "/opt/ml/model",
+        "SM_VLLM_SERVED_MODEL_NAME": "tiny-endpoint",
+        "SM_VLLM_TENSOR_PARALLEL_SIZE": "1",
+        "SM_VLLM_DTYPE": "float16",  # a T4 has no bf16
+        "SM_VLLM_CHAT_TEMPLATE": "/opt/ml/model/chat_template.jinja",
+    }
+    assert "AdditionalModelDataSources" not in container
     assert model["ExecutionRoleArn"] == ROLE
     (config,) = aws.of("CreateEndpointConfig")
     (variant,) = config["ProductionVariants"]
@@ -122,46 +161,48 @@ def test_deploy_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
     assert variant["InitialInstanceCount"] == 1
     (endpoint,) = aws.of("CreateEndpoint")
     assert endpoint["EndpointConfigName"] == "tiny-endpoint"
-    record_tag = {
-        "Key": "sftbridge:record",
-        "Value": f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/record/",
-    }
-    assert record_tag in endpoint["Tags"]
+    record = f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/record/"
+    assert {"Key": "sftbridge:record", "Value": record} in endpoint["Tags"]
+    assert {"Key": "sftbridge:engine", "Value": "vllm"} in endpoint["Tags"]
     # Nothing was created before the checks: credentials, image, name and bucket come first.
     names = [name for name, _ in aws.calls]
     assert names.index("GetCallerIdentity") < names.index("PutObject") < names.index("CreateModel")
 
-    # What SageMaker would unpack into /opt/ml/model: a plain model folder in 16-bit weights.
-    objects = s3_objects()
-    with tarfile.open(fileobj=io.BytesIO(objects["sftbridge/endpoints/tiny-endpoint/model.tar.gz"])) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    assert {"config.json", "model.safetensors", "tokenizer.json", "sftbridge.json"} <= set(members)
+    # What SageMaker would unpack into /opt/ml/model: a plain model folder in 16-bit weights + the template.
+    members = model_data()
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "sftbridge.json",
+        "chat_template.jinja",
+    } <= set(members)
     assert not any("/" in name for name in members)
-    assert json.loads(members["config.json"])["dtype"] == "float16"  # a T4 has no bf16
-    record = {key.rsplit("/", 1)[1] for key in objects if "/record/" in key}
-    assert {"sftbridge.json", "tokenizer.json"} <= record and not any(".safetensors" in k for k in record)
-
-    # invoke: the seed's payload, formatted with the run's own template.
-    set_endpoint_answer([{"generated_text": " melanin ", "details": {"finish_reason": "eos_token"}}])
-    request, answer = invoke("tiny-endpoint", QUESTION)
+    assert json.loads(members["config.json"])["dtype"] == "float16"
     predictor = Predictor.from_run(trained_run, device="cpu")
-    assert request == {
-        "inputs": predictor.prompt(QUESTION),
-        "parameters": {
-            "max_new_tokens": predictor.generation.max_new_tokens,
-            "do_sample": False,
-            "details": True,
-        },
+    renders_like_the_run(members["chat_template.jinja"], predictor)
+    recorded = {key.rsplit("/", 1)[1] for key in s3_objects() if "/record/" in key}
+    assert {"sftbridge.json", "tokenizer.json"} <= recorded and not any(".safetensors" in k for k in recorded)
+
+    # invoke: OpenAI messages (the endpoint's template formats them), decoding from the run.
+    openai_answer = {
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "melanin"}, "finish_reason": "stop"}
+        ],
     }
-    assert request["inputs"].startswith("<s>[INST] ")
-    assert answer["generated_text"] == " melanin "
+    set_endpoint_answer(openai_answer)
+    request, answer = invoke("tiny-endpoint", QUESTION)
+    assert request == {
+        "model": "tiny-endpoint",
+        "messages": predictor.prompt_format.question_to_messages(QUESTION),
+        "max_tokens": predictor.generation.max_new_tokens,
+        "temperature": 0,
+    }
+    assert answer == {"generated_text": "melanin", "finish_reason": "stop", "response": openai_answer}
     (sent,) = aws.of("InvokeEndpoint")
     assert json.loads(sent["Body"]) == request and sent["ContentType"] == "application/json"
-
-    # The Hugging Face token went nowhere: not in a request, not in an uploaded file.
-    assert not any(FAKE_TOKEN in str(params) for _, params in aws.calls)
-    assert not any(FAKE_TOKEN in raw for raw in aws.raw)
-    assert not any(FAKE_TOKEN.encode() in data for data in [*objects.values(), *members.values()])
+    assert_no_token(aws)
 
     assert undeploy("tiny-endpoint") == [
         "endpoint tiny-endpoint",
@@ -177,11 +218,74 @@ def test_deploy_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
         sm.describe_model(ModelName="tiny-endpoint")
 
 
+@pytest.mark.parametrize(
+    ("base", "model"),
+    [
+        (f"s3://{BUCKET}/bases/tiny-llama/", "/opt/ml/additional-model-data-sources/base"),
+        ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"),
+    ],
+)
+def test_deploy_base_and_adapter_on_vllm(aws: Recorder, trained_run: Path, base: str, model: str) -> None:
+    from sftbridge.inference.predictor import Predictor
+    from sftbridge.serving.deploy import deploy, invoke
+
+    result = deploy(
+        trained_run,
+        name="lora-endpoint",
+        mode="adapter",
+        base=base,
+        instance_type="ml.g4dn.2xlarge",
+        role=ROLE,
+    )
+    assert (result["engine"], result["mode"], result["status"]) == ("vllm", "adapter", "InService")
+    (created,) = aws.of("CreateModel")
+    container = created["PrimaryContainer"]
+    assert VLLM_IMAGE.match(container["Image"])
+    assert container["Environment"] == {
+        "SM_VLLM_MODEL": model,
+        "SM_VLLM_SERVED_MODEL_NAME": "lora-endpoint-base",
+        "SM_VLLM_ENABLE_LORA": "",  # an empty value: the bare flag --enable-lora
+        "SM_VLLM_LORA_MODULES": "lora-endpoint=/opt/ml/model",  # the fine-tune answers to the endpoint's name
+        "SM_VLLM_MAX_LORA_RANK": "16",  # the run's lora.r
+        "SM_VLLM_TOKENIZER": "/opt/ml/model",
+        "SM_VLLM_TENSOR_PARALLEL_SIZE": "1",
+        "SM_VLLM_DTYPE": "float16",
+        "SM_VLLM_CHAT_TEMPLATE": "/opt/ml/model/chat_template.jinja",
+    }
+    if base.startswith("s3://"):
+        assert container["AdditionalModelDataSources"] == [
+            {
+                "ChannelName": "base",
+                "S3DataSource": {"S3Uri": base, "S3DataType": "S3Prefix", "CompressionType": "None"},
+            }
+        ]
+    else:
+        assert "AdditionalModelDataSources" not in container
+    (variant,) = aws.of("CreateEndpointConfig")[0]["ProductionVariants"]
+    assert variant["InstanceType"] == "ml.g4dn.2xlarge"
+    members = model_data()  # the adapter, its tokenizer, the manifest and the template; no base weights
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= set(members)
+    assert "sftbridge.json" in members and "model.safetensors" not in members
+    predictor = Predictor.from_run(trained_run, device="cpu")
+    renders_like_the_run(members["chat_template.jinja"], predictor)
+    set_endpoint_answer({"choices": [{"message": {"content": " melanin"}, "finish_reason": "stop"}]})
+    request, answer = invoke("lora-endpoint", QUESTION)  # the record has the run's layout: adapter/ inside
+    assert request["model"] == "lora-endpoint" and answer["generated_text"] == " melanin"
+    assert request["messages"] == predictor.prompt_format.question_to_messages(QUESTION)
+    assert_no_token(aws)
+
+
 def test_cli_deploys_a_merged_folder(
     aws: Recorder, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from sftbridge.cli import main
     from sftbridge.inference.merge import merge_run
+    from sftbridge.inference.predictor import Predictor
 
     merged = merge_run(trained_run, tmp_path / "merged", dtype="bfloat16", device="cpu")
     args = [
@@ -193,6 +297,8 @@ def test_cli_deploys_a_merged_folder(
         ROLE,
         "--name",
         "cli-endpoint",
+        "--engine",
+        "tgi",
     ]
     assert main([*args, "--bucket", "my-models", "--prefix", "team/llm"]) == 2  # no such bucket
     assert "--bucket: s3://my-models does not exist" in capsys.readouterr().err
@@ -200,11 +306,29 @@ def test_cli_deploys_a_merged_folder(
     out = capsys.readouterr().out
     assert out.startswith("endpoint cli-endpoint: InService (ml.p3.2xlarge, us-east-1)")
     assert 'sftbridge invoke cli-endpoint "your question"' in out
-    assert not aws.of("CreateModel")[0]["PrimaryContainer"]["Environment"].get("HF_TOKEN")
+    container = aws.of("CreateModel")[0]["PrimaryContainer"]
+    assert TGI_IMAGE.match(container["Image"]), container["Image"]
+    assert container["Environment"] == {"HF_MODEL_ID": "/opt/ml/model", "SM_NUM_GPUS": "1"}
 
+    # invoke: the seed's payload (the endpoint's engine tag says TGI), formatted with the run's template.
+    set_endpoint_answer([{"generated_text": " melanin ", "details": {"finish_reason": "eos_token"}}])
+    assert main(["invoke", "cli-endpoint", QUESTION, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    predictor = Predictor.from_run(trained_run, device="cpu")
+    assert shown["request"] == {
+        "inputs": predictor.prompt(QUESTION),
+        "parameters": {
+            "max_new_tokens": predictor.generation.max_new_tokens,
+            "do_sample": False,
+            "details": True,
+        },
+    }
+    assert shown["request"]["inputs"].startswith("<s>[INST] ")
+    assert (shown["response"]["generated_text"], shown["response"]["finish_reason"]) == (" melanin ", "stop")
     set_endpoint_answer([{"generated_text": " melanin "}])
     assert main(["invoke", "cli-endpoint", QUESTION]) == 0
     assert capsys.readouterr().out == "melanin\n"
+    assert_no_token(aws)
     assert (
         main(["deploy", str(merged), "--instance-type", INSTANCE, "--role", ROLE, "--name", "cli-endpoint"])
         == 2
@@ -234,7 +358,9 @@ def test_cli_deploys_a_merged_folder(
         ),
         ({}, {"--instance-type": "ml.g9.huge"}, "error: --instance-type ml.g9.huge: not a GPU instance type"),
         ({}, {"--name": "bad_name"}, "error: --name bad_name: use up to 63 letters, digits and hyphens"),
-        ({}, {"--tgi-version": "0.0.1"}, "error: no Hugging Face LLM image for us-east-1"),
+        ({}, {"--image-version": "0.0.1"}, "error: no Hugging Face vLLM image for us-east-1"),
+        ({}, {"--engine": "tgi", "--tgi-version": "0.0.1"}, "error: no Hugging Face LLM image for us-east-1"),
+        ({}, {"--mode": "adapter"}, "error: --mode adapter: the base 'builtin:tiny-llama' is not a Hub id"),
     ],
 )
 def test_preflight_errors_are_one_line_and_come_before_any_upload(

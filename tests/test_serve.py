@@ -1,9 +1,11 @@
-"""The local endpoint: a real server on 127.0.0.1, driven by Hugging Face's own client and by raw HTTP."""
+"""The local endpoint: a real FastAPI/uvicorn server on 127.0.0.1, driven by Hugging Face's client, the
+official OpenAI client and raw HTTP."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 QUESTION = "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
 ANSWER = "melanin"  # its answer in data/sciq-sample/train.jsonl, which the tiny run memorises
@@ -42,16 +44,13 @@ def predictor(trained_run: Path) -> Any:
 
 
 def start(predictor: Any, **settings: Any) -> Any:
-    from sftbridge.serving.server import ServeSettings, make_server
+    from sftbridge.serving.server import LocalServer, ServeSettings
 
-    server = make_server(predictor, ServeSettings(port=0, **settings), source="tiny-run")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return LocalServer(predictor, ServeSettings(port=0, **settings), source="tiny-run").start()
 
 
 def stop(server: Any) -> None:
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +262,10 @@ def test_too_many_tokens_oversized_bodies_routes_and_the_hf_client(server: Any, 
     connection.request("POST", "/nowhere", body=b'{"inputs": "x"}')
     response = connection.getresponse()
     assert response.status == 404 and json.loads(response.read())["error_type"] == "not_found"
-    assert response.getheader("Connection") == "close"  # its unread body must not become the next request
-    assert get(server, "/generate")[0] == 405
+    assert get(server, "/generate") == (
+        405,
+        {"error": "GET /generate: method not allowed", "error_type": "not_found"},
+    )
     with socket.create_connection(server.server_address[:2], timeout=30) as raw:  # no Content-Length
         raw.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.1 411")
@@ -291,7 +292,7 @@ def burst(server: Any, n: int) -> list[tuple[int, Any]]:
 
 
 def test_a_burst_of_32_is_answered_or_cleanly_refused(predictor: Any, expected: Any) -> None:
-    small = start(predictor, max_queue=2)
+    small = start(predictor, max_queue=2, max_batch_size=1)  # one at a time: the queue fills
     try:
         results = burst(small, 32)
         statuses = [status for status, _ in results]
@@ -305,47 +306,109 @@ def test_a_burst_of_32_is_answered_or_cleanly_refused(predictor: Any, expected: 
         assert post(small, "/generate", {"inputs": QUESTION})[0] == 200  # and it goes on serving
     finally:
         stop(small)
-    roomy = start(predictor, max_queue=32)
+    roomy = start(predictor)  # the defaults: a burst of 32 is batched, and all are answered
     try:
         results = burst(roomy, 32)
         assert all(s == 200 and b["generated_text"].strip() == expected.text for s, b in results)
+        assert max(roomy.worker.batches) > 1, roomy.worker.batches
     finally:
         stop(roomy)
 
 
-def test_the_model_is_taken_in_turn_in_arrival_order() -> None:
-    import time
+def test_greedy_answers_are_the_same_batched_or_alone(predictor: Any) -> None:
+    """Distinct questions (different lengths: left padding) sent at once, against each generated alone."""
+    from conftest import SAMPLE_TEST
 
-    from sftbridge.serving.server import FairLock
-    from sftbridge.serving.wire import RequestError
+    questions = [json.loads(line)["question"] for line in SAMPLE_TEST.read_text().splitlines()[:12]]
+    alone = [predictor.generate_details(predictor.prompt(q)) for q in questions]
+    batched = predictor.generate_details_batch([predictor.prompt(q) for q in questions])
+    for one, many in zip(alone, batched, strict=True):
+        assert many.text == one.text
+        assert [t.id for t in many.tokens] == [t.id for t in one.tokens]
+        assert [t.text for t in many.tokens] == [t.text for t in one.tokens]
+        assert many.finish_reason == one.finish_reason and many.prompt_tokens == one.prompt_tokens
+        assert [t.logprob for t in many.tokens] == pytest.approx([t.logprob for t in one.tokens], abs=1e-4)
+    server = start(predictor, batch_window_s=0.05)
+    try:
+        results: list[Any] = [None] * len(questions)
+        gate = threading.Barrier(len(questions))
 
-    lock = FairLock(max_waiting=2)
-    lock.acquire(timeout=1)
-    order: list[str] = []
+        def ask(i: int) -> None:
+            gate.wait()
+            results[i] = post(server, "/generate", {"inputs": questions[i], "parameters": {"details": True}})
 
-    def wait_for_turn(name: str) -> None:
-        lock.acquire(timeout=30)
-        order.append(name)
-        lock.release()
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert max(server.worker.batches) > 1, server.worker.batches  # they did share a generate
+        for (status, body), one in zip(results, alone, strict=True):
+            assert status == 200 and body["generated_text"] == one.text
+            assert [t["id"] for t in body["details"]["tokens"]] == [t.id for t in one.tokens]
+    finally:
+        stop(server)
 
-    waiters = [threading.Thread(target=wait_for_turn, args=(name,)) for name in ("first", "second")]
-    for count, waiter in enumerate(waiters, 1):
-        waiter.start()
-        while len(lock._waiters) < count:  # let each queue up before the next arrives
-            time.sleep(0.001)
-    with pytest.raises(RequestError) as refused:  # a third would wait beyond the bound
-        lock.acquire(timeout=1)
-    assert refused.value.status == 429 and refused.value.error_type == "overloaded"
-    lock.release()
-    for waiter in waiters:
-        waiter.join(timeout=30)
-    assert order == ["first", "second"]
-    lock.acquire(timeout=1)
-    with pytest.raises(RequestError) as late:
-        lock.acquire(timeout=0.05)
-    assert late.value.status == 503 and not lock._waiters
-    lock.release()
-    lock.acquire(timeout=0.05)  # free again
+
+def test_the_official_openai_client(server: Any, predictor: Any, expected: Any) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="local-endpoint", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny-run"]
+    # Content as parts, and the parameters clients send by default or habit (accepted; see wire.py).
+    reply = client.chat.completions.create(
+        model="tiny-run",
+        messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+        max_tokens=16,
+        temperature=0,
+        user="someone",
+        presence_penalty=0.0,
+        frequency_penalty=0.5,
+        response_format={"type": "text"},
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert [c.message.content for c in reply.choices] == [expected.text, expected.text]
+    assert reply.choices[0].finish_reason == "stop" and reply.usage is not None
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert "".join(t.token for t in logprobs.content).strip() == expected.text
+    assert all(t.logprob <= 0 for t in logprobs.content)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-run",
+            messages=[{"role": "user", "content": QUESTION}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == expected.prompt_tokens
+    prompt = predictor.prompt(QUESTION)
+    completion = client.completions.create(
+        model="tiny-run", prompt=[prompt, prompt.removeprefix("<s>")], max_tokens=16, logprobs=0
+    )
+    assert [c.text.strip() for c in completion.choices] == [expected.text, expected.text]  # BOS as vLLM
+    assert completion.choices[0].logprobs is not None
+    streamed = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=16, stream=True)
+    assert "".join(c.choices[0].text for c in streamed).strip() == expected.text
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.completions.create(model="tiny-run", prompt=prompt, max_tokens=10_000)
+    assert "max_new_tokens: must be <= 256" in refused.value.response.json()["error"]
+
+
+def test_invocations_speaks_vllms_body_too_and_each_request_is_logged(
+    server: Any, expected: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        status, answer = post(server, "/invocations", {"messages": [{"role": "user", "content": QUESTION}]})
+    assert status == 200 and answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["content"] == expected.text
+    assert any('"POST /invocations HTTP/1.1" 200' in r.getMessage() for r in caplog.records)
 
 
 def test_a_stream_client_that_leaves_does_not_hurt_the_server(server: Any, expected: Any) -> None:
@@ -382,3 +445,95 @@ def test_serve_command_end_to_end(trained_run: Path, expected: Any) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi"])
+def test_invoke_speaks_both_apis_to_the_local_server(
+    server: Any, trained_run: Path, expected: Any, engine: str
+) -> None:
+    """The code that invokes SageMaker endpoints, pointed at this server's /invocations."""
+    from sftbridge.serving.deploy import invoke
+
+    request, answer = invoke(server.url, QUESTION, run=trained_run, engine=engine)
+    assert ("messages" in request) == (engine == "vllm") and ("inputs" in request) == (engine == "tgi")
+    assert answer["generated_text"].strip() == expected.text
+    assert answer["finish_reason"] == "stop"
+
+
+def test_vllm_command_for_a_run_and_a_merged_folder(trained_run: Path, tmp_path: Path) -> None:
+    from sftbridge.inference.merge import merge_run
+    from sftbridge.serving.deploy import prompter
+    from sftbridge.serving.vllm import serve_command
+
+    predictor = prompter(trained_run)
+    command = serve_command(trained_run, predictor, host="127.0.0.1", port=8000, name="tiny")
+    base = Path(os.environ["SFTBRIDGE_CACHE"]) / "builtin" / "tiny-llama-v1"  # the built-in base's folder
+
+    def value(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert command[:3] == ["vllm", "serve", str(base)]
+    assert value("--enable-lora") == "--lora-modules"  # a bare flag
+    assert value("--lora-modules") == f"tiny={trained_run.resolve() / 'adapter'}"
+    assert value("--served-model-name") == "tiny-base" and value("--max-lora-rank") == "16"
+    assert (value("--host"), value("--port")) == ("127.0.0.1", "8000")
+    template = Path(value("--chat-template")).read_text()
+    messages = [{"role": "user", "content": QUESTION}]
+    rendered = predictor.tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == predictor.prompt(messages)  # vLLM formats as training did
+    merged = merge_run(trained_run, tmp_path / "merged", dtype="float32", device="cpu")
+    command = serve_command(merged, prompter(merged), host="127.0.0.1", port=8000)
+    assert command[:5] == ["vllm", "serve", str(merged.resolve()), "--served-model-name", "merged"]
+    assert "--enable-lora" not in command
+    result = run_cli("serve", str(trained_run), "--engine", "vllm", "--dry-run", "--port", "8001")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("vllm serve ") and "--lora-modules" in result.stdout
+
+
+@pytest.mark.gpu
+def test_vllm_serves_the_run_on_a_gpu(trained_run: Path, expected: Any) -> None:
+    """A real `sftbridge serve --engine vllm`: the fine-tune answers through the official OpenAI client."""
+    import shutil
+    import time
+
+    if shutil.which("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install 'sftbridge[vllm]')")
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sftbridge.cli",
+            "serve",
+            str(trained_run),
+            "--engine",
+            "vllm",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                models = {m.id for m in client.models.list()}
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "vllm did not start"
+                time.sleep(2)
+        assert models == {trained_run.name, f"{trained_run.name}-base"}
+        reply = client.chat.completions.create(
+            model=trained_run.name, messages=[{"role": "user", "content": QUESTION}], temperature=0
+        )
+        assert ANSWER in (reply.choices[0].message.content or "")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)

@@ -43,6 +43,29 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
             help=f"requests that may wait for the model; more get 429 (default {defaults.MAX_QUEUE})",
         )
         parser.add_argument("--max-body-bytes", type=_positive, default=defaults.MAX_BODY_BYTES)
+        parser.add_argument(
+            "--max-batch-size",
+            type=_positive,
+            default=defaults.MAX_BATCH_SIZE,
+            help=f"concurrent greedy requests generated together (default {defaults.MAX_BATCH_SIZE})",
+        )
+        parser.add_argument(
+            "--batch-window-ms",
+            type=float,
+            default=defaults.BATCH_WINDOW_S * 1000,
+            help="under load, how long to wait for more requests to fill a batch "
+            f"(default {defaults.BATCH_WINDOW_S * 1000:g}; a lone request never waits)",
+        )
+        parser.add_argument(
+            "--engine",
+            default="sftbridge",
+            choices=["sftbridge", "vllm"],
+            help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the run's base, adapter and "
+            "chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="--engine vllm: print the vllm command, start nothing"
+        )
         parser.set_defaults(func=cmd_serve)
     elif command == "merge":
         parser.add_argument("run", type=Path, help="run directory")
@@ -77,20 +100,48 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
             "--name", help="endpoint, endpoint config and model name (default sftbridge-RUN-TIME)"
         )
         parser.add_argument(
-            "--tgi-version", help="Hugging Face LLM image version (default: newest the SDK lists)"
+            "--engine",
+            default="vllm",
+            choices=["vllm", "tgi"],
+            help="vllm: Hugging Face's vLLM image (default); tgi: its LLM (TGI) image, in maintenance mode",
         )
+        parser.add_argument(
+            "--mode",
+            default="merged",
+            choices=["merged", "adapter"],
+            help="merged: the adapter merged into 16-bit weights (default); adapter: the base from the Hub "
+            "or --base s3://..., the run's adapter as a vLLM LoRA module",
+        )
+        parser.add_argument(
+            "--base",
+            help="--mode adapter: base model Hub id or s3://BUCKET/PREFIX/ (default: the run's base)",
+        )
+        parser.add_argument(
+            "--image-version",
+            "--tgi-version",
+            dest="image_version",
+            help="the engine's image version (default: the newest the SageMaker SDK lists)",
+        )
+        parser.add_argument("--image-uri", help="a serving image URI, instead of the SDK's")
         parser.add_argument(
             "--dtype",
             choices=["bfloat16", "float16"],
-            help="merged weights (default: bf16; fp16 on pre-Ampere)",
+            help="merged weights, or vLLM's --dtype (default: bf16; fp16 on pre-Ampere)",
         )
         parser.add_argument(
             "--no-wait", action="store_true", help="return once the endpoint is being created"
         )
         parser.set_defaults(func=cmd_deploy)
     elif command == "invoke":
-        parser.add_argument("endpoint")
+        parser.add_argument(
+            "endpoint", help="a SageMaker endpoint name, or http://HOST:PORT (sftbridge serve)"
+        )
         parser.add_argument("question")
+        parser.add_argument(
+            "--engine",
+            choices=["vllm", "tgi"],
+            help="the API to speak (default: the endpoint's sftbridge:engine tag; vllm for a URL)",
+        )
         parser.add_argument("--region")
         parser.add_argument(
             "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
@@ -110,20 +161,33 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import contextlib
     import signal
 
-    from sftbridge.serving.server import ServeSettings, load_predictor, make_server
+    from sftbridge.serving.server import LocalServer, ServeSettings, load_predictor
 
+    if args.engine == "vllm":
+        return _serve_vllm(args)
     settings = ServeSettings(
         host=args.host,
         port=args.port,
         max_new_tokens_cap=args.max_new_tokens_cap,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000,
     )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
     predictor = load_predictor(args.run, device=args.device)
     try:
-        server = make_server(predictor, settings, source=str(args.run))
+        # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
+        server = LocalServer(
+            predictor, settings, source=str(args.run), log_config=uvicorn.config.LOGGING_CONFIG
+        )
     except OSError as exc:
         raise UserError(
             f"--host {args.host} --port {args.port}: cannot listen ({exc}); try --port 0"
@@ -132,20 +196,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "listening on %s: reachable from other machines, and the server has no authentication", args.host
         )
-    # SageMaker and process managers stop a container with SIGTERM: shut down as on Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(
         f"serving {args.run} on {server.url} "
-        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions)",
+        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions, /v1/completions)",
         flush=True,
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    # uvicorn stops gracefully on SIGINT or SIGTERM (how SageMaker and process managers stop a container),
+    # then raises the signal again for the handler it found: a clean stop, so exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve()
     return 0
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    """``vllm serve`` with the run's base, adapter and chat template; replaces this process."""
+    import os
+    import shutil
+
+    from sftbridge.serving.deploy import prompter
+    from sftbridge.serving.vllm import serve_command
+
+    command = serve_command(args.run, prompter(args.run), host=args.host, port=args.port)
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    executable = shutil.which("vllm")
+    if executable is None:
+        raise UserError("--engine vllm needs vLLM on a GPU machine: pip install 'sftbridge[vllm]'")
+    print(f"starting: {' '.join(command)}", flush=True)
+    os.execv(executable, command)
+    return 0  # not reached: exec replaced this process
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -165,19 +246,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         args.run,
         name=args.name,
         instance_type=args.instance_type,
+        engine=args.engine,
+        mode=args.mode,
+        base=args.base,
         instance_count=args.instance_count,
         role=args.role,
         bucket=args.bucket,
         region=args.region,
         prefix=args.prefix,
-        tgi_version=args.tgi_version,
+        image_version=args.image_version,
+        image_uri=args.image_uri,
         dtype=args.dtype,
         wait=not args.no_wait,
     )
     print(
         f"endpoint {result['endpoint']}: {result['status']} ({result['instance_type']}, {result['region']})"
     )
-    print(f"image {result['image']}")
+    print(f"image {result['image']} ({result['engine']}, {result['mode']})")
     print(f"model {result['model_data']}")
     print(f'ask it: sftbridge invoke {result["endpoint"]} "your question"')
     return 0
@@ -192,6 +277,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         region=args.region,
         run=args.run,
         raw=args.raw,
+        engine=args.engine,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -199,7 +285,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"request": request, "response": answer}, indent=2, ensure_ascii=False))
     else:
-        print(str(answer.get("generated_text", answer) if isinstance(answer, dict) else answer).strip())
+        print(str(answer["generated_text"]).strip())
     return 0
 
 

@@ -204,6 +204,43 @@ class Predictor:
             finish = "stop_sequence"
         return DetailedGeneration(text, tracker.tokens, finish, seed, len(prompt_ids), prefill_tokens)
 
+    def generate_details_batch(self, prompts: Sequence[str], **overrides: Any) -> list[DetailedGeneration]:
+        """:meth:`generate_details` for several formatted prompts in one left-padded batch, greedy only (no
+        stop sequences, seed or prefill): the server's batched path. Each answer has the tokens, texts and
+        log-probabilities :meth:`generate_details` gives it alone."""
+        import torch
+
+        settings = self.generation.model_copy(update=overrides)
+        if settings.do_sample:
+            raise ValueError("batched details are for greedy decoding")
+        batch = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            output = self.model.generate(
+                **batch, **self._decoding(settings), output_scores=True, return_dict_in_generate=True
+            )
+        width = batch["input_ids"].shape[1]
+        logprobs = torch.log_softmax(
+            torch.stack(output.scores, dim=1).float(), dim=-1
+        )  # [batch, step, vocab]
+        results = []
+        for row, mask in enumerate(batch["attention_mask"]):
+            prompt_ids = batch["input_ids"][row][mask.bool()].tolist()
+            new = output.sequences[row, width:].tolist()
+            eos = self.tokenizer.eos_token_id
+            new = new[: new.index(eos) + 1] if eos in new else new
+            tracker = _TokenTracker(self.tokenizer, prompt_ids, [], None)
+            tokens = []
+            for step, token_id in enumerate(new):
+                tracker.ids.append(token_id)
+                logprob = float(logprobs[row, step, token_id])
+                tokens.append(Token(token_id, tracker._token_text(), logprob, token_id in tracker.special))
+            finish: Literal["eos_token", "length", "stop_sequence"] = (
+                "eos_token" if new and new[-1] == eos else "length"
+            )
+            results.append(DetailedGeneration(tracker.text(new), tokens, finish, None, len(prompt_ids), []))
+        return results
+
     def _prefill(self, input_ids: Any) -> list[Token]:
         """The prompt's tokens, each with its log-probability given the tokens before it."""
         import torch

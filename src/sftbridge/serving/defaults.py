@@ -7,7 +7,9 @@ loading either.
 HOST = "127.0.0.1"  # loopback only unless asked: the server has no authentication
 PORT = 8080  # SageMaker's container port
 MAX_NEW_TOKENS_CAP = 1024  # TGI's default max_total_tokens is 2048, half for new tokens
-MAX_QUEUE = 16  # requests waiting behind the one being generated; more get 429
+MAX_QUEUE = 128  # requests waiting for the model; more get 429 (a burst of 40 used to get 23 x 429)
+MAX_BATCH_SIZE = 32  # concurrent greedy requests generated together
+BATCH_WINDOW_S = 0.005  # under load, how long the model waits for more requests to fill a batch
 MAX_BODY_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 300.0  # a request still waiting for the model after this gets 503
 

@@ -1,13 +1,29 @@
 """The wire format of ``sftbridge serve``: request bodies, response bodies and server-sent event streams.
 
-Request bodies are TGI's (``inputs`` + ``parameters``) and OpenAI's chat completions (``messages``), checked
-strictly (unknown keys, wrong types and TGI features this server lacks are 422s that say which field).
+Request bodies are TGI's (``inputs`` + ``parameters``), checked strictly (unknown keys, wrong types and TGI
+features this server lacks are 422s that say which field), and OpenAI's chat and text completions, checked as
+vLLM checks them: known fields strictly, unknown fields accepted and ignored (and logged).
+
+OpenAI parameters, as vLLM's server treats them:
+
+- honoured: ``messages`` (content as a string or a list of ``{"type": "text"}`` parts), ``prompt`` (a string
+  or a list of strings: one choice each), ``max_tokens``, ``max_completion_tokens``, ``temperature`` (0 =
+  greedy), ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``stop``, ``stream``,
+  ``stream_options.include_usage``, ``n`` (n answers; sampled ones get seeds ``seed``, ``seed+1``, ...),
+  ``logprobs`` (the chosen tokens' log-probabilities; ``top_logprobs`` alternatives come back empty),
+  ``echo`` (completions), ``response_format`` ``{"type": "text"}``;
+- accepted and ignored: ``user``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
+  ``response_format`` of type ``json_object``/``json_schema`` (no guided decoding here), ``top_logprobs``,
+  ``parallel_tool_calls``, ``store``, ``metadata``, ``service_tier``, ``model`` (echoed back: one model is
+  served), and any other field (vLLM ignores unknown fields with a warning; so does this server).
+
 Responses and streams are shaped as TGI and OpenAI shape theirs, so that their clients parse them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sftbridge.inference.predictor import DetailedGeneration, Token
 
+log = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # TGI parameters this server does not implement; accepted only at their neutral value.
@@ -91,9 +108,32 @@ class Parameters(_Body):
         return (default if self.do_sample is None else self.do_sample) or warpers
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
 class Message(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # OpenAI's participant name: accepted and ignored, as vLLM's templates mostly do
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                if isinstance(part, dict) and part.get("type") != "text":
+                    raise ValueError(f"content part of type {part.get('type')!r}: this model takes text only")
+        return value
+
+    def text(self) -> str:
+        """The content as one string: text parts joined with newlines, as vLLM's chat utils join them."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+    def plain(self) -> dict[str, str]:
+        """The message as the run's template takes it (``developer``: OpenAI's newer name for ``system``)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class GenerateBody(_Body):
@@ -118,18 +158,64 @@ class GenerateBody(_Body):
         return self
 
 
-class ChatBody(_Body):
-    messages: list[Message]
+class _OpenAIBody(BaseModel):
+    """Known fields strict; unknown ones accepted and ignored with a log line, as vLLM's server does."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
     model: str | None = None
     max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0)  # OpenAI: 0 = greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    top_k: int | None = None  # vLLM's extra; -1 or 0 = off
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's extra
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int | None = Field(None, ge=1, le=1)
     stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=16)
+    # accepted and ignored (see the module's docstring)
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _note_ignored(self) -> _OpenAIBody:
+        if self.model_extra:
+            log.warning("ignoring unsupported OpenAI fields: %s", ", ".join(sorted(self.model_extra)))
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            log.warning("response_format %r ignored: no guided decoding", self.response_format.get("type"))
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def parameters(self, max_new_tokens: int | None, details: bool) -> Parameters:
+        """TGI-style parameters: temperature 0 is greedy; top_k <= 0 is off."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        greedy = self.temperature == 0
+        top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
+        return Parameters(
+            max_new_tokens=max_new_tokens,
+            temperature=None if greedy else self.temperature,
+            top_p=None if greedy else self.top_p,
+            top_k=None if greedy else top_k,
+            repetition_penalty=self.repetition_penalty,
+            do_sample=False if greedy else None,
+            seed=self.seed,
+            stop=stop,
+            details=details,
+        )
+
+
+class ChatBody(_OpenAIBody):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, gt=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _valid(self) -> ChatBody:
@@ -137,18 +223,27 @@ class ChatBody(_Body):
         return self
 
     def to_generate(self) -> GenerateBody:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        greedy = self.temperature == 0
-        parameters = Parameters(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=None if greedy else self.temperature,
-            top_p=None if greedy else self.top_p,
-            do_sample=False if greedy else None,
-            seed=self.seed,
-            stop=stop,
-            details=True,
-        )
+        parameters = self.parameters(self.max_completion_tokens or self.max_tokens, details=True)
         return GenerateBody(messages=self.messages, parameters=parameters, stream=self.stream)
+
+
+class CompletionBody(_OpenAIBody):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)  # completions: an int (alternatives; 0 = chosen only)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or not all(p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 def _check_messages(messages: list[Message]) -> None:
@@ -156,11 +251,11 @@ def _check_messages(messages: list[Message]) -> None:
         raise ValueError("messages must not be empty")
     if messages[-1].role != "user":
         raise ValueError('the last message must be the user\'s ("role": "user")')
-    if not messages[-1].content.strip():
+    if not messages[-1].text().strip():
         raise ValueError("the last user message must not be empty")
 
 
-def parse_body(raw: bytes, model: type[_Body]) -> Any:
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """JSON bytes → a validated body, or RequestError with every problem named."""
     try:
         data = json.loads(raw)
@@ -203,8 +298,32 @@ def generate_response(params: Parameters, prompt: str, result: DetailedGeneratio
     return response
 
 
-def chat_response(result: DetailedGeneration, model: str) -> dict[str, Any]:
-    completion = len(result.tokens)
+def _finish(result: DetailedGeneration) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _usage(prompt_tokens: int, results: list[DetailedGeneration]) -> dict[str, int]:
+    completion = sum(len(r.tokens) for r in results)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
+    """OpenAI chat's logprobs: the chosen tokens (special ones left out); no alternatives."""
+    return {
+        "content": [
+            {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()), "top_logprobs": []}
+            for t in tokens
+            if not t.special
+        ]
+    }
+
+
+def chat_response(results: list[DetailedGeneration], model: str, logprobs: bool = False) -> dict[str, Any]:
+    """OpenAI's chat.completion: one choice per answer."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -212,17 +331,50 @@ def chat_response(result: DetailedGeneration, model: str) -> dict[str, Any]:
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": result.text.strip()},
-                "logprobs": None,
-                "finish_reason": "length" if result.finish_reason == "length" else "stop",
+                "logprobs": chat_logprobs(result.tokens) if logprobs else None,
+                "finish_reason": _finish(result),
             }
+            for i, result in enumerate(results)
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-        },
+        "usage": _usage(results[0].prompt_tokens, results),
+    }
+
+
+def completion_response(
+    prompts: list[str], results: list[list[DetailedGeneration]], model: str, body: Any
+) -> dict[str, Any]:
+    """OpenAI's text_completion: ``n`` choices per prompt, in prompt order."""
+    choices: list[dict[str, Any]] = []
+    for prompt, answers in zip(prompts, results, strict=True):
+        for result in answers:
+            text = (prompt if body.echo else "") + result.text
+            tokens = [t for t in result.tokens if not t.special]
+            offsets, at = [], len(prompt) if body.echo else 0
+            for token in tokens:
+                offsets.append(at)
+                at += len(token.text)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = {
+                    "tokens": [t.text for t in tokens],
+                    "token_logprobs": [t.logprob for t in tokens],
+                    "top_logprobs": [{} for _ in tokens],
+                    "text_offset": offsets,
+                }
+            choices.append(
+                {"index": len(choices), "text": text, "logprobs": logprobs, "finish_reason": _finish(result)}
+            )
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(
+            sum(answers[0].prompt_tokens for answers in results), [r for a in results for r in a]
+        ),
     }
 
 
@@ -277,24 +429,36 @@ class TgiStream:
 
 
 class ChatStream:
-    """OpenAI chat.completion.chunk events, ending with ``data: [DONE]``."""
+    """OpenAI chat.completion.chunk events (text_completion ones with ``completion=True``), ending with
+    ``data: [DONE]``; with ``stream_options.include_usage`` a last chunk carries the usage, as OpenAI's."""
 
-    def __init__(self, write: Callable[[bytes], None], model: str) -> None:
-        self.write, self.model = write, model
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.started, self.held = False, ""  # whitespace waits for more text: the content is stripped
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        model: str,
+        include_usage: bool = False,
+        completion: bool = False,
+    ) -> None:
+        self.write, self.model, self.include_usage, self.completion = write, model, include_usage, completion
+        prefix = "cmpl" if completion else "chatcmpl"
+        self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.started, self.held = False, ""  # chat: whitespace waits for more text, the content is stripped
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None) -> None:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        body = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-        }
+    def _chunk(self, delta: dict[str, Any] | str, finish: str | None) -> None:
+        if self.completion:
+            kind = "text_completion"
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            kind = "chat.completion.chunk"
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
         self.write(_sse({**body, "choices": [choice]}, b"data: "))
 
     def token(self, token: Token) -> None:
+        if self.completion:
+            if not token.special and token.text:
+                self._chunk(token.text, None)
+            return
         text = self.held + ("" if token.special else token.text)
         if not self.started:
             text = text.lstrip()
@@ -305,8 +469,15 @@ class ChatStream:
             self.started = True
 
     def finish(self, result: DetailedGeneration) -> None:
-        finish = "length" if result.finish_reason == "length" else "stop"
-        self._chunk({} if self.started else {"role": "assistant", "content": ""}, finish)
+        if self.completion:
+            self._chunk("", _finish(result))
+        else:
+            self._chunk({} if self.started else {"role": "assistant", "content": ""}, _finish(result))
+        if self.include_usage:
+            kind = "text_completion" if self.completion else "chat.completion.chunk"
+            usage = _usage(result.prompt_tokens, [result])
+            body = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+            self.write(_sse({**body, "choices": [], "usage": usage}, b"data: "))
         self.write(_sse(b"[DONE]", b"data: "))
 
     def error(self, error: RequestError) -> None:
