@@ -204,9 +204,10 @@ class ModelWorker:
         jobs = self._prompts(jobs)
         if not jobs:
             return
-        if len(jobs) == 1:
+        if jobs[0].batch_key is None:
             self._generate_one(jobs[0])
             return
+        # Batchable, even alone: plain generate() is cheaper per token than generate_details' streamer.
         decoding = {k: v for k, v in jobs[0].decoding.items() if k not in ("stop", "seed", "prefill")}
         self.batches.append(len(jobs))
         results = self.predictor.generate_details_batch([job.prompt for job in jobs], **decoding)
