@@ -164,10 +164,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import contextlib
     import signal
 
-    from sftbridge.serving.server import LocalServer, ServeSettings, load_predictor
-
     if args.engine == "vllm":
         return _serve_vllm(args)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
+    from sftbridge.serving.server import LocalServer, ServeSettings, load_predictor
+
     settings = ServeSettings(
         host=args.host,
         port=args.port,
@@ -177,11 +182,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
     )
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
     predictor = load_predictor(args.run, device=args.device)
     try:
         # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
