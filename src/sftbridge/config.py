@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from sftbridge.errors import ConfigError
+from sftbridge.hf_names import ATTN_IMPLEMENTATIONS, HUB_KERNEL, LR_SCHEDULERS, OPTIMIZERS, check_name
 
 BUILTIN_TINY_MODEL = "builtin:tiny-llama"
 
@@ -77,6 +78,13 @@ class ModelSection(_Section):
         description="AWS Secrets Manager secret (name or ARN) holding the Hugging Face token, read where the "
         "script runs (e.g. inside a SageMaker job); the token itself is never a config value.",
     )
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention(cls, value: str | None) -> str | None:
+        if value is None or HUB_KERNEL.match(value):
+            return value
+        return check_name(value, ATTN_IMPLEMENTATIONS, "attention implementation")
 
 
 class DataSection(_Section):
@@ -170,14 +178,6 @@ class TrainSection(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU."
     )
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _tracker_list(cls, value: Any) -> Any:
-        if value is None or value == "none":
-            return []
-        return [value] if isinstance(value, str) else value  # train.report_to=mlflow on the command line
-
     # Answer quality while it trains (training/answer_metrics.py, issue 15): the loss alone did not show that
     # JumpStart's defaults learned almost nothing and answered six times too long.
     answer_metrics: bool = Field(
@@ -240,6 +240,14 @@ class TrainSection(_Section):
     @classmethod
     def _scheduler(cls, value: str) -> str:
         return check_name(value, LR_SCHEDULERS, "scheduler (SchedulerType)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value  # train.report_to=mlflow on the command line
+
     @model_validator(mode="after")
     def _mlflow_uri_needs_mlflow(self) -> TrainSection:
         if self.mlflow_tracking_uri and "mlflow" not in self.report_to:

@@ -36,9 +36,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sftbridge.inference.predictor import Predictor
+    from sftbridge.inference.opening import open_predictor
 
-    predictor = Predictor.from_run(args.run, device=args.device)
+    predictor, merged = open_predictor(args.run, device=args.device)
+    if args.base and merged:
+        from sftbridge.errors import UserError
+
+        raise UserError(f"--base: {args.run} is a merged model; the base is no longer separate")
     overrides: dict[str, Any] = {}
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
@@ -62,18 +66,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sftbridge.errors import DataError
     from sftbridge.inference.evaluate import evaluate, format_table, load_cases, write_results
-    from sftbridge.inference.predictor import Predictor
-    from sftbridge.runs import load_manifest
+    from sftbridge.inference.opening import check_model_folder, open_predictor
 
-    test_file = args.data or load_manifest(args.run)["config"]["data"].get("test_file")
+    # A run or a merged folder, checked before anything heavy loads; a merged one has no config: pass --data.
+    test_file = args.data or check_model_folder(args.run).get("config", {}).get("data", {}).get("test_file")
     if not test_file:
         raise DataError(f"{args.run}: the run's config has no data.test_file; pass --data FILE")
-    predictor = Predictor.from_run(args.run, device=args.device)
+    predictor, merged = open_predictor(args.run, device=args.device)
     cases = load_cases(Path(test_file), predictor)[: args.limit]
     progress = Progress(sys.stderr)
     try:
         result = evaluate(
-            predictor, cases, batch_size=args.batch_size, base=not args.no_base, progress=progress
+            predictor, cases, batch_size=args.batch_size, base=not (args.no_base or merged), progress=progress
         )
     finally:
         progress.close()

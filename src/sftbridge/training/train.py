@@ -169,7 +169,7 @@ def sft_config(
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         learning_rate=config.train.learning_rate,
         lr_scheduler_type=config.train.lr_scheduler,
-        warmup_steps=config.train.warmup_ratio,  # a float in [0, 1) is a share of the steps
+        warmup_steps=config.train.warmup_ratio,  # < 1 is a ratio: get_warmup_steps = ceil(total * r)
         weight_decay=config.train.weight_decay,
         max_grad_norm=config.train.max_grad_norm,
         optim=config.train.optim,
