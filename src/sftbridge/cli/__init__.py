@@ -14,6 +14,7 @@ DESCRIPTION = (
     "LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker. "
     "Config keys: sftbridge config show; a starter config: sftbridge config init."
 )
+VERBOSE_HELP = "log progress and show the libraries' warnings (also: SFTBRIDGE_VERBOSE=1)"
 # command: (module with `add_arguments(command, parser)`, one-line help)
 COMMANDS = {
     "train": ("sftbridge.cli.train", "fine-tune from a YAML config"),
@@ -53,28 +54,35 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    import logging
+    from sftbridge.output import configure_output, verbose_from_env
 
+    # Before any command imports a library: the CLI owns its output (see sftbridge.output).
+    configure_output(getattr(args, "verbose", False) or verbose_from_env())
     from sftbridge.errors import UserError
 
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (which handles it itself): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI; with ``only``, every other command is listed with its help line but gets no arguments
     (defining all ~90 arguments was most of the time of ``sftbridge --help``)."""
     parser = argparse.ArgumentParser(prog="sftbridge", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--version", action=_Version, help="print sftbridge's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_line) in COMMANDS.items():
         command = commands.add_parser(name, help=help_line, description=help_line)
+        # `sftbridge train CONFIG -v` works as well as `sftbridge -v train CONFIG`.
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
         if only is None or name == only:
             importlib.import_module(module).add_arguments(name, command)
     return parser
@@ -83,3 +91,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _command_in(argv: list[str]) -> str:
     """The command argv names: its first word that is not an option (the top level has only flags)."""
     return next((word for word in argv if not word.startswith("-")), "")
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs["help"]))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("sftbridge")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        print(f"sftbridge {version}")
+        parser.exit()

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -416,7 +417,16 @@ def _commit_hash(model: Any) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sftbridge.output import configure_output, verbose_from_env
+
+    # Our progress at INFO; the libraries' warnings only with SFTBRIDGE_VERBOSE=1 (what `sftbridge -v` sets).
+    configure_output(
+        verbose_from_env(), fmt="%(asctime)s %(levelname)s %(name)s: %(message)s", own_level=logging.INFO
+    )
+    # Until training starts (and its step-boundary handler takes over), SIGTERM stops at once like Ctrl-C.
+    signal.signal(signal.SIGTERM, _stop_now)
+    supervised = os.environ.get("SFTBRIDGE_SUPERVISED") == "1"  # `sftbridge train` prints the outcome
+    run_dir = None
     try:
         config, run_dir = resolve_config(argv, SageMakerEnv.from_environ())
         out = train(config, run_dir)
@@ -424,11 +434,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"interrupted: {exc}; run the same command again to resume", file=sys.stderr)
+        if not supervised:
+            print(f"interrupted: {exc}; resume: the same command with --run-dir {run_dir}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt as exc:  # a second signal, or one before training began: stopped at once
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if not supervised:
+            print(f"interrupted by {signal.Signals(signum).name}: stopped at once", file=sys.stderr)
+        return 128 + signum
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {out}")
     return 0
+
+
+class _StoppedAtOnce(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_now(signum: int, _frame: Any) -> None:
+    raise _StoppedAtOnce(signum)
 
 
 if __name__ == "__main__":
