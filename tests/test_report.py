@@ -74,7 +74,7 @@ def test_report_shows_curves_evaluation_samples_data_config_and_manifest(
     assert f"<td class='num'>{summary['adapter']['exact_match']:.1%}</td>" in html
     assert f"<td class='num'>{summary['eval_loss']['base']:.3f}</td>" in html
     # Ten samples side by side: each question with its reference, the adapter's and the base's answer.
-    samples = html.split("sample questions")[1]
+    samples = html.split("sample questions")[1].split("</table>")[0]
     assert samples.count("<tr>") == 11  # header + 10
     from html import escape
 

@@ -23,7 +23,7 @@ from conftest import FAKE_TOKEN, ROOT
 from conftest import run_cli as sftbridge
 from sftbridge.archive import safe_extract
 from sftbridge.backends.sagemaker import hyperparameters as hp
-from sftbridge.backends.sagemaker.spec import make_job_spec
+from sftbridge.backends.sagemaker.spec import METRIC_DEFINITIONS, make_job_spec
 from sftbridge.config import RunConfig, load_config
 from sftbridge.errors import ConfigError, RunDirError, UserError
 
@@ -230,7 +230,11 @@ def test_submit_sends_the_planned_request(aws: None) -> None:
     sent = recorder.only("CreateTrainingJob")
     root = f"s3://{BUCKET}/{RUN_PREFIX}/{job.id}"
     assert re.fullmatch(r"llama2-7b-chat-qlora-sagemaker-\d{14}", job.id)
-    assert sent["AlgorithmSpecification"] == {"TrainingImage": IMAGE, "TrainingInputMode": "File"}
+    assert sent["AlgorithmSpecification"] == {
+        "TrainingImage": IMAGE,
+        "TrainingInputMode": "File",
+        "MetricDefinitions": METRIC_DEFINITIONS,
+    }
     assert sent["RoleArn"] == ROLE
     assert sent["ResourceConfig"] == {
         "InstanceType": "ml.g5.2xlarge",

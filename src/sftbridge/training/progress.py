@@ -9,7 +9,8 @@ Elsewhere (SageMaker/CloudWatch, CI, a pipe) it prints one line per log, never a
     [eval] step=30/150 epoch=1 eval_loss=2.1 eval_runtime=0.41 ...
 
 Any other key the trainer logs (``mean_token_accuracy``, ``answer_exact_match``, ...) follows as
-``key=value``; ``METRIC_DEFINITIONS`` are the SageMaker regexes that chart these lines.
+``key=value``; ``backends.sagemaker.spec.METRIC_DEFINITIONS`` are the SageMaker regexes that chart these
+lines.
 
 Whether the *user's* terminal is a TTY: the local backend pipes this process's output to its own, so it sets
 ``SFTBRIDGE_TTY=1`` (or ``0``) from its own stdout; without that variable, this process's stderr decides.
@@ -39,18 +40,6 @@ TOKENS_PER_SECOND = "tokens_per_second"
 TRAIN_FIELDS = (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_norm"))
 # Keys not repeated on a line: counters, and the fields shown above under their own names.
 HIDDEN = {"epoch", "step", "total_flos", "num_tokens", "eval_num_tokens", "num_input_tokens_seen"}
-
-_NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
-# SageMaker metric definitions: CloudWatch and the console chart each value these capture from the log.
-METRIC_DEFINITIONS = [
-    {"Name": "train:loss", "Regex": rf"\[train\] .*\bloss={_NUMBER}"},
-    {"Name": "train:learning_rate", "Regex": rf"\[train\] .*\blr={_NUMBER}"},
-    {"Name": "train:grad_norm", "Regex": rf"\[train\] .*\bgrad_norm={_NUMBER}"},
-    {"Name": "train:tokens_per_second", "Regex": rf"\[train\] .*\btokens/s={_NUMBER}"},
-    {"Name": "train:epoch", "Regex": rf"\[train\] .*\bepoch={_NUMBER}"},
-    {"Name": "eval:loss", "Regex": rf"\[eval\] .*\beval_loss={_NUMBER}"},
-]
-
 
 def terminal_is_tty() -> bool:
     """True when the user watches on a terminal: ``SFTBRIDGE_TTY`` if set, else whether stderr is a TTY."""

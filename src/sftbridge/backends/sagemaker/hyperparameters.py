@@ -23,6 +23,15 @@ from sftbridge.errors import ConfigError
 # SageMaker's CreateTrainingJob limits: 100 hyperparameters, keys of <= 256 characters. The API accepts
 # values up to 2500 characters; we keep them to 256 as well, the limit SageMaker documents for the console.
 MAX_HYPERPARAMETERS = 100
+# Sent even at their defaults: what people look for in the console's hyperparameters (JumpStart shows these).
+ALWAYS_SHOWN = (
+    "train.epochs",
+    "train.learning_rate",
+    "train.per_device_batch_size",
+    "lora.r",
+    "lora.alpha",
+    "data.max_length",
+)
 MAX_CHARS = 256
 STR_TAG = "!!str "
 
@@ -83,10 +92,14 @@ def diff(config: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_hyperparameters(config: RunConfig, base: RunConfig | None = None) -> dict[str, str]:
-    """The hyperparameters that turn ``base`` (default: the schema's defaults) into ``config``."""
+    """The hyperparameters that turn ``base`` (default: the schema's defaults) into ``config``, plus the
+    ``ALWAYS_SHOWN`` settings whatever their value."""
     reference = base.to_dict() if base is not None else _defaults(config)
+    values = diff(config.to_dict(), reference)
+    flat = flatten(config.to_dict())
+    values.update({key: flat[key] for key in ALWAYS_SHOWN})
     hyperparameters: dict[str, str] = {}
-    for key, value in sorted(diff(config.to_dict(), reference).items()):
+    for key, value in sorted(values.items()):
         text = encode(value)
         try:
             back = yaml.safe_load(text)

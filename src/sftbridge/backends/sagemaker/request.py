@@ -16,7 +16,11 @@ def request(spec: JobSpec, job_name: str, bucket: str, prefix: str) -> dict[str,
     backend = spec.backend
     req: dict[str, Any] = {
         "TrainingJobName": job_name,
-        "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": "File"},
+        "AlgorithmSpecification": {
+            "TrainingImage": spec.image,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": spec.metric_definitions,
+        },
         "RoleArn": backend.role,
         "HyperParameters": spec.all_hyperparameters(),
         "InputDataConfig": [
@@ -88,7 +92,9 @@ def render(spec: JobSpec, req: dict[str, Any], sdk: str) -> str:
     for channel in spec.channels:
         files = ", ".join(f"{p} (sha256 {plan_sha[:12]})" for p, plan_sha in channel.sha256.items())
         lines.append(f"    {channel.name:<11} {files or channel.source}")
-    lines.append(f"    {CODE_CHANNEL:<11} {ENTRY_SCRIPT} + sftbridge/ + requirements.txt")
+    extras = "".join(f", sftbridge[{extra}]" for extra in spec.extras)
+    lines.append(f"    {CODE_CHANNEL:<11} {ENTRY_SCRIPT} + sftbridge/ + requirements.txt{extras}")
+    lines.append("  metrics         " + ", ".join(m["Name"] for m in spec.metric_definitions))
     lines.append(f"  hyperparameters ({len(req['HyperParameters'])} of 100)")
     lines += [f"    --{key} {value}" for key, value in req["HyperParameters"].items()]
     lines += [f"  note: {note}" for note in spec.notes]

@@ -16,6 +16,7 @@ def submit_v3(spec: JobSpec, boto: Any, bucket: str, local: dict[str, Path]) -> 
         CheckpointConfig,
         Compute,
         InputData,
+        MetricDefinition,
         OutputDataConfig,
         StoppingCondition,
     )
@@ -45,6 +46,8 @@ def submit_v3(spec: JobSpec, boto: Any, bucket: str, local: dict[str, Path]) -> 
         ),
         hyperparameters=spec.all_hyperparameters(),
         environment=spec.environment,
+    ).with_metric_definitions(
+        [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in spec.metric_definitions]
     )
     inputs = [InputData(channel_name=name, data_source=str(path)) for name, path in local.items()]
     inputs += [InputData(channel_name=c.name, data_source=c.s3_uri) for c in spec.channels if c.s3_uri]
@@ -94,6 +97,7 @@ def submit_v2(spec: JobSpec, boto: Any, bucket: str, local: dict[str, Path]) -> 
         disable_output_compression=backend.disable_output_compression,
         distribution={"torch_distributed": {"enabled": True}} if spec.torchrun else None,
         environment=spec.environment,
+        metric_definitions=spec.metric_definitions,
         sagemaker_session=session,
         base_job_name=spec.base_job_name,
         disable_profiler=True,  # v2 turns the profiler and debugger on by default; v3 does not

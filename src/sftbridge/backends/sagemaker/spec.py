@@ -27,6 +27,20 @@ SUBMIT_DIRECTORY = f"/opt/ml/input/data/{CODE_CHANNEL}"
 ENTRY_SCRIPT = "train.py"
 SPLIT_CHANNELS = {"train_file": "train", "validation_file": "validation", "test_file": "test"}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MLFLOW_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:([a-z0-9-]+):\d{12}:mlflow-tracking-server/[\w-]+$")
+
+_NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+# What the console and CloudWatch chart: each regex captures one value from the lines training/progress.py
+# prints when not on a terminal ("[train] step=20/150 epoch=0.67 loss=2.346 lr=9.87e-05 ..."). The test
+# tests/test_sagemaker_metrics.py runs the real script's output through them.
+METRIC_DEFINITIONS = [
+    {"Name": "train:loss", "Regex": rf"\[train\] .*\bloss={_NUMBER}"},
+    {"Name": "train:learning_rate", "Regex": rf"\[train\] .*\blr={_NUMBER}"},
+    {"Name": "train:grad_norm", "Regex": rf"\[train\] .*\bgrad_norm={_NUMBER}"},
+    {"Name": "train:tokens_per_second", "Regex": rf"\[train\] .*\btokens/s={_NUMBER}"},
+    {"Name": "train:epoch", "Regex": rf"\[train\] .*\bepoch={_NUMBER}"},
+    {"Name": "eval:loss", "Regex": rf"\[eval\] .*\beval_loss={_NUMBER}"},
+]
 
 
 @dataclass
@@ -55,6 +69,9 @@ class JobSpec:
     environment: dict[str, str]
     torchrun: bool
     config_file: Path | None = None  # shipped only when hyperparameters alone cannot carry the config
+    # sftbridge's optional extras the job installs besides qlora: one per tracker in train.report_to.
+    extras: list[str] = field(default_factory=list)
+    metric_definitions: list[dict[str, str]] = field(default_factory=lambda: list(METRIC_DEFINITIONS))
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -149,6 +166,7 @@ def make_job_spec(config: RunConfig, *, config_path: str | None, region: str, im
         environment=_environment(config, notes),
         torchrun=torchrun,
         config_file=config_file,
+        extras=list(config.train.report_to),
         notes=notes,
     )
     _refuse_secrets(spec)
@@ -205,6 +223,22 @@ def _channels(config: RunConfig) -> list[Channel]:
 
 def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
     environment = {"SFTBRIDGE_BACKEND": "sagemaker", **config.backend.environment}
+    uri = config.train.mlflow_tracking_uri
+    if uri:
+        # The job logs to the same server; a SageMaker managed one is reached through the sagemaker-mlflow
+        # plugin (the mlflow extra) with the job's role, which needs sagemaker-mlflow:* on that server.
+        environment.setdefault("MLFLOW_TRACKING_URI", uri)
+        environment.setdefault("MLFLOW_EXPERIMENT_NAME", config.train.tracking_project)
+        arn = MLFLOW_ARN.match(uri)
+        if uri.startswith("arn:") and not arn:
+            raise ConfigError(
+                f"train.mlflow_tracking_uri: {uri!r} is not a SageMaker MLflow tracking server ARN "
+                "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>)"
+            )
+        if arn and arn.group(1) != (config.backend.region or arn.group(1)):
+            notes.append(f"the MLflow server is in {arn.group(1)}, the job in {config.backend.region}")
+        if not arn and not uri.startswith(("http://", "https://", "databricks")):
+            notes.append(f"train.mlflow_tracking_uri {uri} is a path inside the job: lost when it ends")
     if config.backend.pass_hf_token:
         token = os.environ.get("HF_TOKEN")
         if not token:

@@ -1,0 +1,149 @@
+"""SageMaker charts what the training script prints: the metric regexes parse the real script's output, and
+the CreateTrainingJob request carries them, the MLflow server and the hyperparameters people look for."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from conftest import ROOT
+from sftbridge.backends.sagemaker import hyperparameters as hp
+from sftbridge.backends.sagemaker.spec import METRIC_DEFINITIONS, make_job_spec
+from sftbridge.config import dump_config
+from sftbridge.errors import ConfigError
+from sftbridge.runs import METRICS, MetricsLog
+from sftbridge.training.progress import Progress
+from test_sagemaker_backend import ROLE, SEED_JOB, Recorder, aws, aws_env, submit  # noqa: F401 (fixtures)
+
+MLFLOW_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/team-server"
+REGEX = {m["Name"]: re.compile(m["Regex"]) for m in METRIC_DEFINITIONS}
+
+
+def charted(output: str) -> dict[str, list[float]]:
+    """What SageMaker would chart: every regex searched in every line, its group as a number."""
+    values: dict[str, list[float]] = {name: [] for name in REGEX}
+    for line in output.splitlines():
+        for name, regex in REGEX.items():
+            if match := regex.search(line):
+                values[name].append(float(match.group(1)))
+    return values
+
+
+def test_each_regex_reads_only_its_own_field(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress(None, tty=False)
+    state = SimpleNamespace(global_step=0, max_steps=50, is_world_process_zero=True)
+    progress.on_train_begin(None, state, None)
+    state.global_step = 10
+    logs = {"loss": 2.5, "grad_norm": 0.75, "learning_rate": 1e-4, "num_tokens": 1e9, "epoch": 0.25}
+    progress.on_log(None, state, None, logs=logs)
+    progress.on_log(None, state, None, logs={"eval_loss": 1.5, "eval_runtime": 3.0, "epoch": 0.25})
+    progress.on_log(None, state, None, logs={"train_loss": 9.0, "train_runtime": 30.0, "epoch": 1.0})
+    values = charted(capsys.readouterr().out)
+    assert values["train:loss"] == [2.5]  # neither eval_loss nor the summary's train_loss
+    assert values["train:learning_rate"] == [1e-4]
+    assert values["train:grad_norm"] == [0.75]
+    assert values["train:epoch"] == [0.25]
+    assert values["eval:loss"] == [1.5]
+    assert len(values["train:tokens_per_second"]) == 1 and values["train:tokens_per_second"][0] > 0
+
+
+@pytest.mark.slow
+def test_the_real_scripts_output_is_charted(tiny_config: Any, tmp_path: Path) -> None:
+    """scripts/train.py run as SageMaker runs it (output piped): every metric is charted, and the values
+    equal what metrics.jsonl recorded."""
+    config = tiny_config(
+        data__validation_split_ratio=0.25,
+        train__eval_strategy="steps",
+        train__eval_steps=2,
+        train__max_steps=4,
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--config",
+            str(path),
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    values = charted(result.stdout + result.stderr)
+    records = MetricsLog(run_dir / METRICS).read()
+    train = [r for r in records if "loss" in r]
+    assert values["train:loss"] == pytest.approx([r["loss"] for r in train], rel=1e-3)
+    assert values["train:learning_rate"] == pytest.approx([r["learning_rate"] for r in train], rel=1e-3)
+    assert values["train:grad_norm"] == pytest.approx([r["grad_norm"] for r in train], rel=1e-3)
+    assert values["train:tokens_per_second"] == pytest.approx([r["tokens_per_second"] for r in train], abs=1)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) >= 2 and values["eval:loss"] == pytest.approx(evals, rel=1e-3)
+
+
+# -- the job request --------------------------------------------------------------------------------------
+
+
+def job_spec(*overrides: str) -> Any:
+    from sftbridge.config import load_config
+
+    config = load_config(SEED_JOB, [f"backend.role={ROLE}", *overrides])
+    return make_job_spec(config, config_path=str(SEED_JOB), region="us-east-1", image="image:latest")
+
+
+def test_hyperparameters_show_the_usual_settings_even_at_their_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(ROOT)
+    spec = job_spec()
+    defaults = spec.config  # the seed job leaves lora.r/alpha and the batch size at JumpStart's defaults
+    assert defaults.lora.r == 8 and defaults.lora.alpha == 32
+    shown = {key: spec.hyperparameters[key] for key in hp.ALWAYS_SHOWN}
+    assert shown == {
+        "train.epochs": hp.encode(defaults.train.epochs),
+        "train.learning_rate": hp.encode(defaults.train.learning_rate),
+        "train.per_device_batch_size": str(defaults.train.per_device_batch_size),
+        "lora.r": "8",
+        "lora.alpha": "32",
+        "data.max_length": str(defaults.data.max_length),
+    }
+
+
+def test_mlflow_arn_reaches_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    spec = job_spec("train.report_to=[mlflow]", f"train.mlflow_tracking_uri={MLFLOW_ARN}")
+    assert spec.environment["MLFLOW_TRACKING_URI"] == MLFLOW_ARN
+    assert spec.environment["MLFLOW_EXPERIMENT_NAME"] == "sftbridge"
+    assert spec.extras == ["mlflow"]
+    assert spec.hyperparameters["train.mlflow_tracking_uri"] == MLFLOW_ARN
+    with pytest.raises(ConfigError, match="not a SageMaker MLflow tracking server ARN"):
+        job_spec("train.report_to=[mlflow]", "train.mlflow_tracking_uri=arn:aws:s3:::bucket")
+
+
+@pytest.mark.slow  # ~35 s: the SDK's submit against moto
+@pytest.mark.usefixtures("aws")
+def test_create_training_job_carries_metrics_mlflow_and_hyperparameters() -> None:
+    recorder = Recorder()
+    submit(recorder, "train.report_to=[mlflow]", f"train.mlflow_tracking_uri={MLFLOW_ARN}")
+    sent = recorder.only("CreateTrainingJob")
+    assert sent["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    assert {m["Name"] for m in METRIC_DEFINITIONS} >= {
+        "train:loss",
+        "eval:loss",
+        "train:learning_rate",
+        "train:tokens_per_second",
+    }
+    assert sent["Environment"]["MLFLOW_TRACKING_URI"] == MLFLOW_ARN
+    for key in hp.ALWAYS_SHOWN:
+        assert key in sent["HyperParameters"], key
