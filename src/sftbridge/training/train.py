@@ -25,6 +25,7 @@ from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, pa
 from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
 from sftbridge.runs import (
     ADAPTER,
+    CHECKPOINT_PATTERN,
     CONFIG,
     MANIFEST_VERSION,
     METRICS,
@@ -183,7 +184,7 @@ def sft_config(
         save_steps=config.train.save_steps or 500,
         save_total_limit=config.train.save_total_limit,
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=True,  # progress.Progress draws the bar or prints the lines instead
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=device == "cpu",
@@ -207,7 +208,7 @@ def sft_config(
 def train(config: RunConfig, run_dir: Path) -> Path:
     """Validate the data, train, write the run directory. Returns its path."""
     import torch
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
 
     from sftbridge.aws.secrets import export_hf_token
     from sftbridge.data.loading import load_data
@@ -221,6 +222,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         resolve_device,
         resolve_precision,
     )
+    from sftbridge.training.progress import Progress
     from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
 
     started = time.time()
@@ -250,6 +252,12 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     resume_from = latest_checkpoint(checkpoints)
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
+    # metrics.jsonl grows beside the checkpoints while training (it outlives a crash there, and SageMaker
+    # syncs it to S3 with them); save_outputs copies it into the run.
+    live_metrics = MetricsLog(checkpoints / METRICS)
+    if rank == 0:
+        live_metrics.restart_at(_checkpoint_step(resume_from))
+        log.info("metrics: %s", live_metrics.path)
     stopper = StopOnSignal()
     try:
         # Model and trainer.
@@ -265,8 +273,9 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             eval_dataset=data.eval,
             processing_class=tokenizer,
             peft_config=lora_config(config),
-            callbacks=[stopper],
+            callbacks=[stopper, Progress(live_metrics.path)],
         )
+        trainer.remove_callback(PrinterCallback)  # Progress prints instead of a raw dict per log
         # Answer metrics first: they add eval_answer_* to an evaluation's metrics before early stopping reads.
         answers = AnswerMetrics(trainer, questions, data.prompt_format, config) if questions else None
         for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
@@ -324,9 +333,8 @@ def save_outputs(writer: RunWriter, trainer: Any, tokenizer: Any, config: RunCon
     adapter_dir = writer.staging / ADAPTER
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    metrics = MetricsLog(writer.staging / METRICS)
-    for entry in trainer.state.log_history:  # restored from the checkpoint too: complete across resumes
-        metrics.write(entry)
+    # Written as training logged, beside the checkpoints: complete across resumes (see MetricsLog.restart_at).
+    shutil.copyfile(Path(trainer.args.output_dir) / METRICS, writer.staging / METRICS)
     writer.write_text(CONFIG, dump_config(config))
 
 
@@ -410,6 +418,11 @@ def out_of_memory(config: RunConfig, device: str) -> UserError:
         "train.gradient_accumulation_steps to keep the effective batch), lower data.max_length, set "
         "train.gradient_checkpointing=true, or load the base in 4-bit (model.load_in_4bit=true)."
     )
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    match = CHECKPOINT_PATTERN.match(checkpoint.name) if checkpoint is not None else None
+    return int(match.group(1)) if match else 0
 
 
 def _commit_hash(model: Any) -> str | None:
