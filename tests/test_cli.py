@@ -170,3 +170,14 @@ def test_unfinished_run_directory_is_refused(tmp_path: Path) -> None:
     result = sftbridge("generate", str(tmp_path), "hi")
     assert result.returncode == 2
     assert "did not finish" in result.stderr
+
+
+def test_version_and_verbose_anywhere() -> None:
+    from importlib import metadata
+
+    result = sftbridge("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"sftbridge {metadata.version('sftbridge')}\n"
+    # -v after the command works like -v before it (it used to be "unrecognized arguments").
+    late = sftbridge("plan", CONFIG, "-v")
+    assert late.returncode == 0, late.stderr

@@ -1,16 +1,31 @@
-"""The local backend: the training script as a subprocess on this machine, or ``torchrun`` for several."""
+"""The local backend: the training script as a subprocess on this machine, or ``torchrun`` for several.
+
+Interrupts: the child runs in its own process group, so a terminal's Ctrl-C (sent to the whole foreground
+group) and a signal sent to this process alone reach it the same way: once, forwarded by ``LocalJob.wait``.
+The first SIGINT/SIGTERM lets the child finish its step and write a checkpoint; a second stops it at once; a
+third kills it. This process always waits for the child (no orphan), then prints one line: where the
+checkpoint is and the command that resumes it. Should this process die first, Linux sends the child SIGTERM
+(``PR_SET_PDEATHSIG``), which checkpoints it too.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sftbridge.config import RunConfig
 from sftbridge.errors import ConfigError, RunDirError
-from sftbridge.runs import default_run_dir, is_complete
+from sftbridge.resume import check_same_training, checkpoints_of, find_interrupted, record_config
+from sftbridge.runs import default_run_dir, is_complete, latest_checkpoint
+
+SUPERVISED_ENV = "SFTBRIDGE_SUPERVISED"  # "1": this process reports interrupts; the training script is quiet
+INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the shell's exit codes: 130, 143
 
 
 class LocalJob:
@@ -18,15 +33,28 @@ class LocalJob:
 
     console_url = None
 
-    def __init__(self, process: subprocess.Popen[str], run_dir: Path, job_id: str) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[str],
+        run_dir: Path,
+        job_id: str,
+        *,
+        checkpoints: Path | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.process = process
         self.run_dir = run_dir
         self.id = job_id
+        self.checkpoints = checkpoints or run_dir
+        self.command = command or ["sftbridge", "train", "CONFIG"]  # how the user started it, sans run folder
+        self.signals: list[int] = []
 
     def status(self) -> str:
         code = self.process.poll()
         if code is None:
             return "running"
+        if code < 0:
+            return f"failed: killed by {signal.Signals(-code).name}"
         return "completed" if code == 0 else f"failed: exit code {code}"
 
     def summary(self) -> list[tuple[str, str]]:
@@ -39,10 +67,40 @@ class LocalJob:
             yield line.rstrip("\n")
 
     def wait(self) -> int:
-        for line in self.logs(follow=True):
-            sys.stdout.write(line + "\n")
+        """Relay the child's output until it ends, forwarding SIGINT/SIGTERM to it; 130/143 if interrupted."""
+        previous = {
+            signum: signal.signal(signum, self._forward) for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            for line in self.logs(follow=True):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            code = self.process.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if self.signals or code in INTERRUPTED or -code in (signal.SIGINT, signal.SIGTERM):
             sys.stdout.flush()
-        return self.process.wait()
+            print(self.interrupted_line(), file=sys.stderr, flush=True)
+            return 128 + (self.signals[0] if self.signals else abs(code) % 128)
+        return code if code >= 0 else 128 - code  # killed by a signal not sent through us (OOM killer...)
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        self.signals.append(signum)
+        if self.process.poll() is not None:
+            return
+        if len(self.signals) <= 2:  # the first finishes the step and checkpoints; the second stops at once
+            self.process.send_signal(signum)
+        else:
+            self.process.kill()
+
+    def interrupted_line(self) -> str:
+        checkpoint = latest_checkpoint(self.checkpoints)
+        if checkpoint is None:
+            again = shlex.join([*self.command, "--run-dir", str(self.run_dir)])
+            return f"interrupted before the first checkpoint; nothing to resume. Start again: {again}"
+        resume = shlex.join([*self.command, "--resume", str(self.run_dir)])
+        return f"interrupted: checkpoint {checkpoint}; resume with: {resume}"
 
     def fetch(self, dest: Path | None = None) -> Path:
         if not is_complete(self.run_dir):
@@ -90,13 +148,19 @@ class LocalBackend:
     def submit(
         self, config: RunConfig, *, config_path: str | None, overrides: list[str], run_dir: Path | None
     ) -> LocalJob:
+        if run_dir is None and (interrupted := find_interrupted(config, Path("runs"))) is not None:
+            run_dir = interrupted
+            print(f"resuming the interrupted run {run_dir} (same config); --run-dir DIR starts a new one")
         run_dir = Path(run_dir) if run_dir else default_run_dir("runs", config.run_name)
+        check_same_training(config, run_dir)
+        record_config(config, run_dir)
         job_id = f"local-{run_dir.name}"
         env = {
             **os.environ,
             "SFTBRIDGE_BACKEND": self.name,
             "SFTBRIDGE_JOB_ID": job_id,
             "SFTBRIDGE_TTY": "1" if sys.stdout.isatty() else "0",  # the child's output is piped: bar or lines
+            SUPERVISED_ENV: "1",
             "PYTHONUNBUFFERED": "1",
         }
         process = subprocess.Popen(
@@ -106,5 +170,22 @@ class LocalBackend:
             text=True,
             bufsize=1,
             env=env,
+            process_group=0,  # a terminal's Ctrl-C reaches the child only through LocalJob.wait: once
+            preexec_fn=_die_with_parent,
         )
-        return LocalJob(process, run_dir, job_id)
+        return LocalJob(
+            process,
+            run_dir,
+            job_id,
+            checkpoints=checkpoints_of(config, run_dir),
+            command=["sftbridge", "train", config_path or "CONFIG", *overrides],
+        )
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM (checkpoint, stop) when the ``sftbridge`` process dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sftbridge.backends import Backend
@@ -63,6 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(backend.dry_run(config, config_path=args.config, overrides=overrides))
         return 0
     if args.resume:
+        from sftbridge.resume import check_resumable
+
         check_resumable(config, args.resume)
     job = backend.submit(
         config, config_path=args.config, overrides=overrides, run_dir=args.resume or args.run_dir
@@ -78,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 0
     code = job.wait()
+    if code in (130, 143):  # stopped by SIGINT/SIGTERM: the job printed where it stopped and how to resume
+        return code
     if code != 0:
         print(f"error: training failed ({job.status()})", file=sys.stderr)
         return code
@@ -96,17 +100,6 @@ def check_capabilities(args: argparse.Namespace, backend: Backend) -> None:
             f"--detach: backend {backend.name!r} cannot detach (its job ends with this command); "
             "drop --detach"
         )
-
-
-def check_resumable(config: Any, run_dir: Path) -> None:
-    from sftbridge.errors import RunDirError
-    from sftbridge.runs import checkpoint_dir_for, is_complete, latest_checkpoint
-
-    if is_complete(run_dir):
-        raise RunDirError(f"{run_dir}: this run already finished; nothing to resume")
-    folder = Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
-    if latest_checkpoint(folder) is None:
-        raise RunDirError(f"--resume {run_dir}: no complete checkpoint in {folder}; start a new run instead")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

@@ -35,6 +35,14 @@ class DivergenceError(UserError):
     """The loss or gradient norm stopped being finite."""
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: training stops at once, without a checkpoint of the current step."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopOnSignal(TrainerCallback):
     """Turns SIGTERM/SIGINT into: finish this step, save a checkpoint, stop training."""
 
@@ -53,8 +61,10 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        log.warning("%s received: finishing this step and writing a checkpoint", signal.Signals(signum).name)
+            raise StopNow(signum)
+        if os.environ.get("SFTBRIDGE_SUPERVISED") != "1":  # else `sftbridge train` reports it, in one line
+            name = signal.Signals(signum).name
+            log.warning("%s received: finishing this step and writing a checkpoint", name)
         self.signum = signum
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
