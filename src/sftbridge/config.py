@@ -162,8 +162,8 @@ class TrainSection(_Section):
     mlflow_tracking_uri: str | None = Field(
         None,
         description="MLflow tracking server: a URI, a folder, or a SageMaker managed MLflow server ARN "
-        "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>); None = MLFLOW_TRACKING_URI "
-        "or ./mlruns.",
+        "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>); None = MLFLOW_TRACKING_URI, "
+        "else MLflow's default.",
     )
     checkpoint_dir: str | None = Field(
         None,

@@ -41,6 +41,7 @@ TRAIN_FIELDS = (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_n
 # Keys not repeated on a line: counters, and the fields shown above under their own names.
 HIDDEN = {"epoch", "step", "total_flos", "num_tokens", "eval_num_tokens", "num_input_tokens_seen"}
 
+
 def terminal_is_tty() -> bool:
     """True when the user watches on a terminal: ``SFTBRIDGE_TTY`` if set, else whether stderr is a TTY."""
     value = os.environ.get(TTY_ENV)

@@ -37,6 +37,7 @@ from sftbridge.runs import (
     latest_checkpoint,
     library_versions,
 )
+from sftbridge.training import tracking
 from sftbridge.training.sagemaker_env import SageMakerEnv
 
 if TYPE_CHECKING:
@@ -183,7 +184,9 @@ def sft_config(
         save_strategy="steps" if config.train.save_steps else "epoch",
         save_steps=config.train.save_steps or 500,
         save_total_limit=config.train.save_total_limit,
-        report_to="none",
+        report_to=[str(t) for t in config.train.report_to] or "none",  # tracking.py points them
+        run_name=config.run_name,
+        project=config.train.tracking_project,  # Trackio's project
         disable_tqdm=True,  # progress.Progress draws the bar or prints the lines instead
         seed=config.seed,
         data_seed=config.seed,
@@ -258,6 +261,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     if rank == 0:
         live_metrics.restart_at(_checkpoint_step(resume_from))
         log.info("metrics: %s", live_metrics.path)
+    tracking.prepare(config, checkpoints)
     stopper = StopOnSignal()
     try:
         # Model and trainer.
@@ -283,6 +287,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
 
         # Train: a SIGTERM/SIGINT stops at the next step boundary with a checkpoint to resume from.
         stopper.install()
+        tracking.start(config, run_dir, rank=rank)
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError as exc:
@@ -292,6 +297,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         if stopper.signum is not None:
             raise Interrupted(stopper.signum, latest_checkpoint(checkpoints))
         final_eval = trainer.evaluate() if do_eval else {}
+        tracking.finish(config, rank=rank)
         trainer.accelerator.wait_for_everyone()
         if rank != 0:
             return run_dir
@@ -335,6 +341,8 @@ def save_outputs(writer: RunWriter, trainer: Any, tokenizer: Any, config: RunCon
     tokenizer.save_pretrained(adapter_dir)
     # Written as training logged, beside the checkpoints: complete across resumes (see MetricsLog.restart_at).
     shutil.copyfile(Path(trainer.args.output_dir) / METRICS, writer.staging / METRICS)
+    if (events := Path(trainer.args.output_dir) / tracking.TENSORBOARD).is_dir():
+        shutil.copytree(events, writer.staging / tracking.TENSORBOARD)
     writer.write_text(CONFIG, dump_config(config))
 
 
