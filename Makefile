@@ -3,17 +3,34 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first and pinned: a bare `torch` requirement resolves to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Exact versions of everything else, compiled from pyproject.toml by `make lock`: a dependency's new release
+# changes nothing here until the lock is regenerated (and the tests run on it).
+LOCK := requirements/dev.lock
+UV_SPEC := uv==0.13.9
 
-.PHONY: install demo test test-fast test-all lint format bench clean
+.PHONY: install demo test test-fast lint format bench lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,qlora,sagemaker,serve]"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# Regenerate the locks from pyproject.toml for this platform (Linux x86_64, Python 3.11): dev.lock is the
+# CPU set-up and CI (every extra but vllm), user.lock what a user installs beside their own torch. torch is
+# left out of both (requirements/no-torch.txt).
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(UV_SPEC)"
+	$(VENV)/bin/uv pip compile -q pyproject.toml --python-version 3.11 --override requirements/no-torch.txt \
+		--extra dev --extra qlora --extra sagemaker --extra serve -o requirements/dev.lock
+	$(VENV)/bin/uv pip compile -q pyproject.toml --python-version 3.11 --override requirements/no-torch.txt \
+		--extra qlora --extra sagemaker --extra serve --extra tensorboard --extra trackio --extra mlflow \
+		--extra wandb -o requirements/user.lock
 
 # Build the tiny model, train it with LoRA on data/sciq-sample on the CPU, evaluate adapter vs. base.
 demo: install
