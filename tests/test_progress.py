@@ -65,7 +65,7 @@ def test_lines_and_metrics_without_a_terminal(
 ) -> None:
     """Every log is one line and one flushed metrics.jsonl record with its own time; extra keys the trainer
     logs (answer_exact_match) appear on both without being declared anywhere."""
-    clock = iter([1000.0, 1010.0, 1020.0, 1030.0])
+    clock = iter([1000.0, 1010.0, 1020.0, 1030.0, 1040.0, 1050.0])
     monkeypatch.setattr(time, "time", lambda: next(clock))
     progress = Progress(tmp_path / METRICS, tty=False)
     progress.on_train_begin(None, state(10), None)  # resumed at step 10: the ETA counts this session's steps
@@ -77,18 +77,24 @@ def test_lines_and_metrics_without_a_terminal(
     progress.on_log(
         None, state(30), None, logs={**train_log, "num_tokens": 9000.0, "answer_exact_match": 0.75}
     )
+    progress.on_log(None, state(30), None, logs={"answer_eos_rate": 1.0, "epoch": 1.0})
+    progress.on_log(None, state(30), None, logs={"train_runtime": 9.5, "train_loss": 1.5, "epoch": 1.0})
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
         "[train] step=20/100 epoch=0.5 loss=1.5 lr=2e-05 grad_norm=0.25 tokens/s=500 eta=0:01:20",
         "[eval] step=30/100 epoch=1 eval_loss=1.25 eval_answer_exact_match=0.5",
         "[train] step=30/100 epoch=0.5 loss=1.5 lr=2e-05 grad_norm=0.25 tokens/s=200 answer_exact_match=0.75 "
         "eta=0:01:45",  # 20 steps in 30 s: 1.5 s a step, 70 to go
+        "[metrics] step=30/100 epoch=1 answer_eos_rate=1",
+        "[done] step=30/100 epoch=1 train_runtime=9.5 train_loss=1.5",
     ]
     records = MetricsLog(tmp_path / METRICS).read()
     assert [(r["time"], r["step"], r.get("tokens_per_second")) for r in records] == [
         (1010.0, 20, 500.0),
         (1020.0, 30, None),
         (1030.0, 30, 200.0),
+        (1040.0, 30, None),
+        (1050.0, 30, None),
     ]
     assert records[2]["answer_exact_match"] == 0.75 and records[1]["eval_loss"] == 1.25
 

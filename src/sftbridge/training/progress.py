@@ -138,10 +138,14 @@ class Progress(TrainerCallback):
         return (now - self._started) / done * max(state.max_steps - state.global_step, 0)
 
     def format(self, record: dict[str, Any], state: Any, now: float) -> str:
-        """One compact line: ``[train]``/``[eval]``/``[done]``, step, epoch, the fields, ETA for training."""
-        kind = (
-            "train" if "loss" in record else "eval" if any(k.startswith("eval_") for k in record) else "done"
-        )
+        """One compact line: ``[train]``/``[eval]``/``[metrics]``/``[done]``, step, epoch, the fields (and
+        the ETA, for training)."""
+        if "train_runtime" in record:
+            kind = "done"  # the trainer's summary at the end of train()
+        elif "loss" in record:
+            kind = "train"
+        else:  # an evaluation, or metrics another callback logs on their own (answer_* while training)
+            kind = "eval" if any(k.startswith("eval_") for k in record) else "metrics"
         parts = [f"[{kind}]", f"step={state.global_step}/{state.max_steps}"]
         if "epoch" in record:
             parts.append(f"epoch={_number(round(float(record['epoch']), 2))}")
