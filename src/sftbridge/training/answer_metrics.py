@@ -152,7 +152,12 @@ class AnswerMetrics(TrainerCallback):
             logs.update({f"base_{key}": value for key, value in self.base.items() if key != REFERENCE_TOKENS})
         figures = self._measure(base=False)
         self.last = (state.global_step, figures)
+        # Trainer.log ends in on_log, which clears control.should_log: called from on_step_end, that would
+        # drop the step's own loss line (and fold its loss into the next one). Keep the trainer's decision.
+        control = self.trainer.control
+        should_log = control.should_log
         self.trainer.log({**figures, **logs})
+        control.should_log = should_log
 
     def _measure(self, *, base: bool) -> dict[str, float]:
         """Greedy answers of the adapter (or the base), scored; computed on rank 0, shared with every rank."""
