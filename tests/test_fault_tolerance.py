@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from sftbridge.training.train import train
 
 # 24 rows, batch 8: 3 steps an epoch; 8 steps = 2 epochs and a bit.
 STEPS = dict(train__max_steps=8, train__save_steps=2, train__logging_steps=1, lora__dropout=0.1)
+
+
+LOSS_LOGGED = re.compile(r"'loss'|\bloss=")  # a training log line, as a dict or as the progress line
 
 
 def losses(run: Path) -> list[float]:
@@ -76,29 +80,92 @@ def test_resume_equals_uninterrupted(
 def test_failed_save_leaves_the_previous_checkpoint(
     tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sftbridge.runs import latest_checkpoint
-    from sftbridge.training.trainer import SafeSFTTrainer
+    from transformers import TrainerState
 
-    original = SafeSFTTrainer._save_optimizer_and_scheduler
+    from sftbridge.runs import CHECKPOINT_COMPLETE, latest_checkpoint
 
-    def flaky(self: Any, output_dir: str) -> None:
-        if self.state.global_step == 4:
+    original = TrainerState.save_to_json  # written last but one into a checkpoint (the marker is last)
+
+    def flaky(self: Any, json_path: str) -> None:
+        if "checkpoint-4" in str(json_path):
             raise OSError("disk full (injected)")
-        original(self, output_dir)
+        original(self, json_path)
 
-    monkeypatch.setattr(SafeSFTTrainer, "_save_optimizer_and_scheduler", flaky)
+    monkeypatch.setattr(TrainerState, "save_to_json", flaky)
     run_dir = tmp_path / "run"
     with pytest.raises(OSError, match="injected"):
         train(tiny_config(**STEPS), run_dir)
     checkpoints = checkpoint_dir_for(run_dir)
     assert latest_checkpoint(checkpoints) == checkpoints / "checkpoint-2"
-    assert (checkpoints / ".tmp-checkpoint-4").exists()  # the half-written one, never picked
+    half_written = checkpoints / "checkpoint-4"
+    assert half_written.is_dir() and not (half_written / CHECKPOINT_COMPLETE).exists()  # never picked
     assert not run_dir.exists()
 
     monkeypatch.undo()
     finished = train(tiny_config(**STEPS), run_dir)
     assert load_manifest(finished)["resumed_from"].endswith("checkpoint-2")
-    assert not (checkpoints / ".tmp-checkpoint-4").exists()
+
+
+def test_private_override_still_fits_transformers() -> None:
+    """SafeSFTTrainer's one private override, checked against the installed transformers.
+
+    Fails, saying what moved, on a transformers version where the override would no longer be called the same
+    way, or where it is no longer needed (the length-grouped sampler got a seeded generator).
+    """
+    import inspect
+
+    import transformers
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from sftbridge.training.trainer import SafeSFTTrainer
+
+    version = transformers.__version__
+    assert SafeSFTTrainer.PRIVATE_OVERRIDES == ("_get_train_sampler",)
+    method = getattr(Trainer, "_get_train_sampler", None)
+    assert method is not None, (
+        f"transformers {version}: Trainer._get_train_sampler is gone; port the override"
+    )
+    params = list(inspect.signature(method).parameters)
+    assert params == ["self", "train_dataset"], f"transformers {version}: _get_train_sampler{params}"
+    assert "LengthGroupedSampler(" in inspect.getsource(method), (
+        f"transformers {version}: _get_train_sampler no longer builds a LengthGroupedSampler"
+    )
+    sampler = list(inspect.signature(LengthGroupedSampler.__init__).parameters)
+    assert {"batch_size", "lengths", "generator"} <= set(sampler), f"LengthGroupedSampler{sampler}"
+    assert "generator=" not in inspect.getsource(method), (
+        f"transformers {version} passes a generator to LengthGroupedSampler: check whether it is seeded per "
+        "epoch, and drop SafeSFTTrainer._get_train_sampler if so"
+    )
+    # Everything else is public: no other private method of Trainer is overridden.
+    overridden = {
+        name
+        for name in vars(SafeSFTTrainer)
+        if name.startswith("_") and not name.startswith("__") and callable(getattr(SafeSFTTrainer, name))
+    }
+    assert overridden == set(SafeSFTTrainer.PRIVATE_OVERRIDES)
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(
+    tiny_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftbridge.training.trainer import SafeSFTTrainer
+
+    original = SafeSFTTrainer.training_step
+
+    def poisoned(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = original(self, model, *args, **kwargs)
+        if self.state.global_step == 3:
+            next(p for p in model.parameters() if p.grad is not None).grad[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(SafeSFTTrainer, "training_step", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"training diverged at step 4: the gradient norm is (nan|inf)"):
+        train(tiny_config(**STEPS), run_dir)
+    assert sorted(
+        p.name for p in checkpoint_dir_for(run_dir).iterdir() if p.name.startswith("checkpoint")
+    ) == ["checkpoint-2"]
 
 
 def test_nan_loss_stops_with_a_clear_error(
@@ -121,7 +188,7 @@ def test_nan_loss_stops_with_a_clear_error(
     ) as info:
         train(tiny_config(**STEPS), run_dir)
     assert "train.learning_rate=0.005" in str(info.value)
-    checkpoints = sorted(p.name for p in checkpoint_dir_for(run_dir).iterdir())
+    checkpoints = sorted(p.name for p in checkpoint_dir_for(run_dir).glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2"]  # nothing written at or after the bad step
     assert not run_dir.exists()
 
@@ -184,7 +251,7 @@ def test_sigterm_mid_run_then_resume(tmp_path: Path, qa_rows: list[dict[str, str
     )
     assert process.stdout is not None
     for line in process.stdout:
-        if "'loss'" in line:
+        if LOSS_LOGGED.search(line):
             break
     process.send_signal(signal.SIGTERM)
     started = time.time()
