@@ -715,7 +715,7 @@ def test_requirements_ranges_on_request() -> None:
     from sftbridge.backends.sagemaker.source import requirements
 
     ranges = requirements(pinned=False)
-    assert "trl>=1.16.0" in ranges and not any("==" in line for line in ranges)
+    assert "trl<2,>=1.16.0" in ranges and not any("==" in line for line in ranges)
     assert not any(line.startswith("torch") for line in ranges)
     assert seed_config("backend.requirements=ranges").backend.requirements == "ranges"
 
@@ -732,3 +732,16 @@ def test_image_torch_differing_from_this_machine_is_noted() -> None:
         image=IMAGE,
     )
     assert not any("the image's torch" in note for note in same.notes)
+
+
+def test_a_jobs_trackers_are_installed_in_it() -> None:
+    """train.report_to=[mlflow] ships mlflow and sagemaker-mlflow, pinned like the rest."""
+    from sftbridge.backends.sagemaker.source import requirements
+
+    spec = make_job_spec(
+        seed_config("train.report_to=[mlflow]"), config_path=None, region="us-east-1", image=IMAGE
+    )
+    shipped = dict(line.split("==") for line in requirements(True, tuple(spec.extras)))
+    for name in ("mlflow", "sagemaker-mlflow"):
+        assert shipped[name] == metadata.version(name)
+    assert "mlflow" not in dict(line.split("==") for line in requirements(True))

@@ -133,7 +133,9 @@ class SageMakerBackend:
         version = sdk_version()
         with tempfile.TemporaryDirectory(prefix="sftbridge-sagemaker-") as tmp:
             pinned = config.backend.requirements == "pinned"
-            code = stage_source(Path(tmp) / CODE_CHANNEL, spec.config_file, pinned=pinned)
+            code = stage_source(
+                Path(tmp) / CODE_CHANNEL, spec.config_file, pinned=pinned, extras=tuple(spec.extras)
+            )
             channels = stage_channels(Path(tmp) / "data", spec.channels)
             submit = submit_v3 if int(version.split(".")[0]) >= 3 else submit_v2
             try:

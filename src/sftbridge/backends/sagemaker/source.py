@@ -35,8 +35,9 @@ def entry_script() -> Path:
     return script
 
 
-def requirements(pinned: bool = True) -> list[str]:
-    """What the job installs: sftbridge's own requirements (and the QLoRA extra) less what the image provides.
+def requirements(pinned: bool = True, extras: tuple[str, ...] = ()) -> list[str]:
+    """What the job installs: sftbridge's own requirements (with the QLoRA extra and ``extras``, e.g. the
+    trackers of ``train.report_to``) less what the image provides.
 
     Pinned (the default): each at the exact version installed here, where the job is submitted, plus the
     libraries whose versions change training without being direct requirements (``PINNED_TOO``), so a job
@@ -55,7 +56,8 @@ def requirements(pinned: bool = True) -> list[str]:
     for text in declared:
         requirement = Requirement(text)
         marker = requirement.marker
-        wanted = marker is None or any(marker.evaluate({"extra": extra}) for extra in SHIPPED_EXTRAS)
+        shipped = SHIPPED_EXTRAS | set(extras)
+        wanted = marker is None or any(marker.evaluate({"extra": extra}) for extra in shipped)
         if wanted and requirement.name not in IMAGE_PROVIDES:
             requirement.marker = None
             installed = _installed(requirement.name) if pinned else None
@@ -72,7 +74,9 @@ def _installed(name: str) -> str | None:
         return None
 
 
-def stage_source(dest: Path, config_file: Path | None = None, *, pinned: bool = True) -> Path:
+def stage_source(
+    dest: Path, config_file: Path | None = None, *, pinned: bool = True, extras: tuple[str, ...] = ()
+) -> Path:
     """Write the source directory into ``dest`` (which must not exist); returns ``dest``."""
     dest.mkdir(parents=True)
     shutil.copy2(entry_script(), dest / ENTRY_SCRIPT)
@@ -80,7 +84,7 @@ def stage_source(dest: Path, config_file: Path | None = None, *, pinned: bool = 
     shutil.copytree(PACKAGE_DIR, dest / "sftbridge", ignore=skip)
     # As in the wheel: builtin:tiny-llama builds its tokenizer from the sample data.
     shutil.copytree(sample_data_dir(), dest / "sftbridge" / "_sample_data")
-    (dest / "requirements.txt").write_text("\n".join(requirements(pinned)) + "\n", encoding="utf-8")
+    (dest / "requirements.txt").write_text("\n".join(requirements(pinned, extras)) + "\n", encoding="utf-8")
     if config_file is not None:
         (dest / "config").mkdir()
         shutil.copy2(config_file, dest / "config" / config_file.name)
