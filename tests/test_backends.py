@@ -247,3 +247,22 @@ def test_ambiguous_channel_is_an_error(tmp_path: Path) -> None:
     env = SageMakerEnv(channels={"TRAIN": tmp_path})
     with pytest.raises(DataError, match=r"expected one \.jsonl file, found"):
         env.data_overrides(load_config(None, ["data.train_file=other.jsonl"]))
+
+
+def test_local_job_relays_a_progress_bar_as_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Carriage returns pass through: a bar redraws its line on the user's terminal instead of printing one
+    line per refresh (a text-mode pipe turns every \\r into a newline)."""
+    import subprocess
+    import sys
+
+    from sftbridge.backends.local import LocalJob
+
+    script = "import sys; sys.stdout.write('bar 1/2\\rbar 2/2\\r\\ndone\\n')"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    job = LocalJob(process, tmp_path / "run", "local-test")
+    assert job.wait() == 0
+    assert capsys.readouterr().out == "bar 1/2\rbar 2/2\r\ndone\n"

@@ -10,6 +10,7 @@ checkpoint is and the command that resumes it. Should this process die first, Li
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import signal
@@ -35,7 +36,7 @@ class LocalJob:
 
     def __init__(
         self,
-        process: subprocess.Popen[str],
+        process: subprocess.Popen[bytes],
         run_dir: Path,
         job_id: str,
         *,
@@ -62,9 +63,14 @@ class LocalJob:
 
     def logs(self, follow: bool = False) -> Iterator[str]:
         """The process's output. A pipe is read once, to its end, so this follows whatever ``follow`` is."""
+        for piece in self._output():
+            yield piece.rstrip("\r\n")
+
+    def _output(self) -> Iterator[str]:
+        """The child's output as it wrote it: pieces ending in a newline, or in a carriage return where its
+        progress bar redraws the line (a text-mode pipe would turn each redraw into a new line)."""
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            yield line.rstrip("\n")
+        yield from io.TextIOWrapper(self.process.stdout, encoding="utf-8", errors="replace", newline="")
 
     def wait(self) -> int:
         """Relay the child's output until it ends, forwarding SIGINT/SIGTERM to it; 130/143 if interrupted."""
@@ -72,8 +78,8 @@ class LocalJob:
             signum: signal.signal(signum, self._forward) for signum in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            for line in self.logs(follow=True):
-                sys.stdout.write(line + "\n")
+            for piece in self._output():
+                sys.stdout.write(piece)
                 sys.stdout.flush()
             code = self.process.wait()
         finally:
@@ -166,9 +172,7 @@ class LocalBackend:
         process = subprocess.Popen(
             self.command(config, config_path, overrides, run_dir),
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+            stderr=subprocess.STDOUT,  # read as bytes, relayed as written (see LocalJob._output)
             env=env,
             process_group=0,  # a terminal's Ctrl-C reaches the child only through LocalJob.wait: once
             preexec_fn=_die_with_parent,

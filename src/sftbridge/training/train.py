@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         if not supervised:
             print(f"interrupted by {signal.Signals(signum).name}: stopped at once", file=sys.stderr)
         return 128 + signum
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and not supervised:
         print(f"run directory: {out}")
     return 0
 
