@@ -90,7 +90,7 @@ def test_train_generate_eval_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run directory: {run_dir}" in result.stdout
-    assert "'loss'" in result.stdout  # the training log is streamed
+    assert "[train] step=" in result.stdout and " loss=" in result.stdout  # the training log is streamed
     manifest = json.loads((run_dir / "sftbridge.json").read_text())
     assert manifest["backend"] == {"name": "local", "job_id": "local-run"}
 
