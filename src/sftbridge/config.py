@@ -411,6 +411,19 @@ def parse_value(raw: Any) -> Any:
         return raw  # not YAML (e.g. an unbalanced bracket in a prompt): keep the string as written
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` → ``{"train.epochs": 3}`` (the inverse of :func:`set_dotted`); lists and
+    empty dicts are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = target

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from sftbridge.config import RunConfig, dump_config
+from sftbridge.config import RunConfig, dump_config, flatten
 from sftbridge.errors import RunDirError
 from sftbridge.runs import checkpoint_dir_for, is_complete, latest_checkpoint
 
@@ -46,7 +46,7 @@ def record_config(config: RunConfig, run_dir: Path) -> None:
 
 def training_differences(recorded: dict[str, Any], config: RunConfig) -> list[str]:
     """``key (old → new)`` for every training key that differs between a recorded config and ``config``."""
-    old, new = _flatten(recorded), _flatten(config.to_dict())
+    old, new = flatten(recorded), flatten(config.to_dict())
     return [
         f"{key} ({old.get(key)!r} → {new.get(key)!r})"
         for key in sorted(old.keys() | new.keys())
@@ -93,13 +93,3 @@ def find_interrupted(config: RunConfig, root: Path) -> Path | None:
         if not training_differences(recorded, config):
             candidates.append(run_dir)
     return max(candidates, key=lambda path: path.name) if candidates else None
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -275,19 +275,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, value in a, value in b)`` for every key whose values differ, in a's order."""
-    flat_a, flat_b = _flatten(a), _flatten(b)
+    from sftbridge.config import flatten
+
+    flat_a, flat_b = flatten(a), flatten(b)
     keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
     return [(k, flat_a.get(k), flat_b.get(k)) for k in keys if flat_a.get(k) != flat_b.get(k)]
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def metric_rows(a: RunSummary, b: RunSummary) -> list[tuple[str, Any, Any]]:

@@ -34,7 +34,7 @@ def prepare(config: RunConfig, live_dir: Path) -> None:
 
 def flat_params(config: RunConfig) -> dict[str, str]:
     """The resolved config as ``section.key`` parameters."""
-    from sftbridge.backends.sagemaker.hyperparameters import flatten
+    from sftbridge.config import flatten
 
     return {key: str(value) for key, value in flatten(config.to_dict()).items()}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from sftbridge.config import RunConfig, load_config
+from sftbridge.config import RunConfig, flatten, load_config
 from sftbridge.errors import ConfigError
 
 # SageMaker's CreateTrainingJob limits: 100 hyperparameters, keys of <= 256 characters. The API accepts
@@ -34,18 +34,6 @@ ALWAYS_SHOWN = (
 )
 MAX_CHARS = 256
 STR_TAG = "!!str "
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"epochs": 3}}`` → ``{"train.epochs": 3}``; lists and empty dicts are leaves."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def encode(value: Any) -> str:
