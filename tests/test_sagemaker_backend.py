@@ -26,6 +26,7 @@ from sftbridge.backends.sagemaker import hyperparameters as hp
 from sftbridge.backends.sagemaker.spec import METRIC_DEFINITIONS, make_job_spec
 from sftbridge.config import RunConfig, load_config
 from sftbridge.errors import ConfigError, RunDirError, UserError
+from sftbridge.planning.hardware import PRICE_TABLE_DATE
 
 boto3 = pytest.importorskip("boto3")
 moto = pytest.importorskip("moto")
@@ -164,7 +165,7 @@ def test_every_shipped_config_round_trips_through_hyperparameters(path: Path) ->
 def test_awkward_values_survive_every_runner() -> None:
     awkward = {
         "run_name": "x",
-        "model": {"revision": "123", "trust_remote_code": True, "attn_implementation": "yes"},
+        "model": {"revision": "123", "trust_remote_code": True},
         "data": {
             "train_file": "d/train.jsonl",
             "validation_file": None,
@@ -172,8 +173,9 @@ def test_awkward_values_survive_every_runner() -> None:
             "template": {"prompt": "Q: {question}", "completion": " {correct_answer}"},
         },
         "lora": {"target_modules": ["q_proj", "v_proj"], "dropout": 0.0},
-        "train": {"learning_rate": 1e-5, "checkpoint_dir": "-h", "lr_scheduler": "null"},
-        "backend": {"environment": {"A": "on", "B": "[not, a, list]"}},
+        "train": {"learning_rate": 1e-5, "checkpoint_dir": "-h"},
+        # Strings YAML would read as a bool, a list or null (the schema's enumerations refuse them elsewhere).
+        "backend": {"environment": {"A": "on", "B": "[not, a, list]", "C": "null", "D": "yes"}},
     }
     config = load_config(None, awkward)
     hyperparameters = hp.to_hyperparameters(config)
@@ -549,6 +551,7 @@ def test_fetch_builds_a_run_directory_like_a_local_one(
         "adapter",
         "config.yaml",
         "metrics.jsonl",
+        "report.html",
         "sftbridge.json",
     }
     manifest = json.loads((run / "sftbridge.json").read_text())
@@ -645,7 +648,7 @@ def test_dry_run_prints_the_request_without_calling_aws(aws_env: dict[str, str])
         "instance      1 x ml.g5.2xlarge (1 GPU each), 100 GB disk",
         "spot          on; max run 6 h, max wait 12 h",
         "checkpoints   /opt/ml/checkpoints <-> s3://sagemaker-us-east-1-<account>/",
-        "cost          $1.515/hour on demand (us-east-1 list price, table of 2026-08)",
+        f"cost          $1.515/hour on demand (us-east-1 list price, table of {PRICE_TABLE_DATE})",
         "--train.checkpoint_dir /opt/ml/checkpoints",
         "--model.hf_token_secret sftbridge/hf-token",
         "data/sciq-sample/train.jsonl (sha256 ",

@@ -154,9 +154,13 @@ class AnswerMetrics(TrainerCallback):
         self.last = (state.global_step, figures)
         # Trainer.log ends in on_log, which clears control.should_log: called from on_step_end, that would
         # drop the step's own loss line (and fold its loss into the next one). Keep the trainer's decision.
+        # And log through transformers' Trainer.log, not TRL's: TRL's merges (and clears) the training
+        # batches' metrics (num_tokens, token accuracy), which belong to the next loss line, not to these.
+        from transformers import Trainer
+
         control = self.trainer.control
         should_log = control.should_log
-        self.trainer.log({**figures, **logs})
+        Trainer.log(self.trainer, {**figures, **logs})
         control.should_log = should_log
 
     def _measure(self, *, base: bool) -> dict[str, float]:
