@@ -11,6 +11,7 @@ fires as it does on those servers.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +86,10 @@ def test_the_hook_makes_bitsandbytes_warn_at_import(tmp_path: Path) -> None:
 def test_an_import_time_warning_changes_no_command(trained_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     hooked, plain = avx512bf16_env(tmp_path), plain_env()
+    run = shutil.copytree(trained_run, tmp_path / "run")  # eval writes its results into the run it scores
     commands = [
-        ("generate", str(trained_run), QUESTION, "--device", "cpu"),
-        ("eval", str(trained_run), "--limit", "2", "--no-base", "--device", "cpu"),
+        ("generate", str(run), QUESTION, "--device", "cpu"),
+        ("eval", str(run), "--limit", "2", "--no-base", "--device", "cpu"),
         ("generate", str(tmp_path / "missing-run"), QUESTION),  # an error exits the same way too
     ]
     for argv in commands:

@@ -16,7 +16,7 @@ from sftbridge.config import ModelSection
 from sftbridge.runs import COMPLETE, load_manifest
 from sftbridge.training.modeling import model_path
 
-RUN_FILES = {"COMPLETE", "adapter", "config.yaml", "metrics.jsonl", "sftbridge.json"}
+RUN_FILES = {"COMPLETE", "adapter", "config.yaml", "metrics.jsonl", "report.html", "sftbridge.json"}
 
 
 def losses(run: Path) -> list[float]:
