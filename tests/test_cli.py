@@ -58,6 +58,23 @@ def test_help_loads_only_what_it_shows(argv: list[str], modules: set[str]) -> No
     assert set(json.loads(result.stderr.strip().splitlines()[-1])) == modules
 
 
+def test_the_training_script_configures_output_before_any_library_loads() -> None:
+    """Importing the training script loads no ML library: ``main`` silences the libraries' loggers first, so
+    an import-time warning (bitsandbytes on some CPUs) never reaches the user (tests/test_output.py)."""
+    heavy = (*HEAVY, "bitsandbytes")
+    probe = (
+        "import json, sys, sftbridge.training.train\nprint(json.dumps([m for m in H if m in sys.modules]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", f"H = {heavy!r}\n{probe}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == ["pydantic", "yaml"]  # the config's own libraries only
+
+
 def test_every_command_has_its_arguments() -> None:
     """The command table and the modules that define the arguments agree (each module, each command)."""
     from sftbridge.cli import COMMANDS, build_parser

@@ -42,7 +42,16 @@ def test_each_regex_reads_only_its_own_field(capsys: pytest.CaptureFixture[str])
     state.global_step = 10
     logs = {"loss": 2.5, "grad_norm": 0.75, "learning_rate": 1e-4, "num_tokens": 1e9, "epoch": 0.25}
     progress.on_log(None, state, None, logs=logs)
-    progress.on_log(None, state, None, logs={"eval_loss": 1.5, "eval_runtime": 3.0, "epoch": 0.25})
+    answers = {
+        "answer_exact_match": 0.5,
+        "answer_contains": 0.75,
+        "answer_mean_tokens": 4.0,
+        "answer_eos_rate": 1,
+    }
+    base = {f"base_{key}": 0.0 for key in answers}
+    progress.on_log(None, state, None, logs={**answers, **base, "epoch": 0.25})
+    evaluation = {"eval_loss": 1.5, "eval_runtime": 3.0, **{f"eval_{k}": 0.0 for k in answers}}
+    progress.on_log(None, state, None, logs={**evaluation, "epoch": 0.25})
     progress.on_log(None, state, None, logs={"train_loss": 9.0, "train_runtime": 30.0, "epoch": 1.0})
     values = charted(capsys.readouterr().out)
     assert values["train:loss"] == [2.5]  # neither eval_loss nor the summary's train_loss
@@ -50,6 +59,11 @@ def test_each_regex_reads_only_its_own_field(capsys: pytest.CaptureFixture[str])
     assert values["train:grad_norm"] == [0.75]
     assert values["train:epoch"] == [0.25]
     assert values["eval:loss"] == [1.5]
+    # neither the base model's figures nor their repetition in the evaluation's metrics
+    assert values["answer:exact_match"] == [0.5]
+    assert values["answer:contains"] == [0.75]
+    assert values["answer:mean_tokens"] == [4.0]
+    assert values["answer:eos_rate"] == [1.0]
     assert len(values["train:tokens_per_second"]) == 1 and values["train:tokens_per_second"][0] > 0
 
 
@@ -90,6 +104,11 @@ def test_the_real_scripts_output_is_charted(tiny_config: Any, tmp_path: Path) ->
     assert values["train:tokens_per_second"] == pytest.approx([r["tokens_per_second"] for r in train], abs=1)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) >= 2 and values["eval:loss"] == pytest.approx(evals, rel=1e-3)
+    answers = [r for r in records if "answer_exact_match" in r]
+    assert answers, "the answer metrics were measured"
+    for name in ("exact_match", "contains", "mean_tokens", "eos_rate"):
+        expected = [r[f"answer_{name}"] for r in answers]
+        assert values[f"answer:{name}"] == pytest.approx(expected, rel=1e-3, abs=1e-4), name
 
 
 # -- the job request --------------------------------------------------------------------------------------
@@ -129,6 +148,15 @@ def test_mlflow_arn_reaches_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.hyperparameters["train.mlflow_tracking_uri"] == MLFLOW_ARN
     with pytest.raises(ConfigError, match="not a SageMaker MLflow tracking server ARN"):
         job_spec("train.report_to=[mlflow]", "train.mlflow_tracking_uri=arn:aws:s3:::bucket")
+
+
+def test_wandb_without_a_key_in_the_job_is_pointed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert any("WANDB_MODE=offline" in note for note in job_spec("train.report_to=[wandb]").notes)
+    offline = job_spec("train.report_to=[wandb]", "backend.environment.WANDB_MODE=offline")
+    assert offline.environment["WANDB_MODE"] == "offline"
+    assert not any("WANDB" in note for note in offline.notes)
+    assert offline.extras == ["wandb"]
 
 
 @pytest.mark.slow  # ~35 s: the SDK's submit against moto

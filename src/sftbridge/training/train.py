@@ -4,7 +4,7 @@ Run it as ``sftbridge train CONFIG``, ``python -m sftbridge.training.train --con
 under ``torchrun``, or unchanged as the entry script of a SageMaker Hugging Face training job. It knows
 nothing of backends: where ``SM_CHANNEL_*``/``SM_MODEL_DIR``/``SM_HPS`` are set it reads data and writes the
 run there (``sagemaker_env``). ``train()`` reads top to bottom: data → model → trainer → save; ``sft_config``
-maps the config onto TRL's arguments and ``build_manifest`` writes down what the run was.
+maps the config onto TRL's arguments; ``describe_run`` and ``build_manifest`` write down what the run was.
 Heavy libraries are imported inside functions so ``--help`` is instant.
 """
 
@@ -37,7 +37,6 @@ from sftbridge.runs import (
     latest_checkpoint,
     library_versions,
 )
-from sftbridge.training import tracking
 from sftbridge.training.sagemaker_env import SageMakerEnv
 
 if TYPE_CHECKING:
@@ -216,6 +215,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     from sftbridge.aws.secrets import export_hf_token
     from sftbridge.data.loading import load_data
     from sftbridge.report import write_run_documents
+    from sftbridge.training import tracking
     from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks, sample_questions
     from sftbridge.training.modeling import (
         check_attention,
@@ -284,10 +284,14 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         answers = AnswerMetrics(trainer, questions, data.prompt_format, config) if questions else None
         for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
             trainer.add_callback(callback)
+        description = describe_run(config, model=model, data=data, device=device, precision=precision)
+        if config.train.report_to:
+            params = tracking.run_params(description, run_dir)
+            trainer.add_callback(tracking.RunParams(trainer, list(config.train.report_to), params))
 
         # Train: a SIGTERM/SIGINT stops at the next step boundary with a checkpoint to resume from.
         stopper.install()
-        tracking.start(config, run_dir, rank=rank)
+        tracking.start(config, rank=rank)
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError as exc:
@@ -307,12 +311,8 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         # Save: adapter, tokenizer, logs and config, then the manifest, and only then move it into place.
         save_outputs(writer, trainer, tokenizer, config)
         manifest = build_manifest(
-            config,
+            description,
             learning=learning,
-            model=model,
-            data=data,
-            device=device,
-            precision=precision,
             result=result,
             final_eval=final_eval,
             resumed_from=resume_from,
@@ -336,34 +336,22 @@ def train(config: RunConfig, run_dir: Path) -> Path:
 
 def save_outputs(writer: RunWriter, trainer: Any, tokenizer: Any, config: RunConfig) -> None:
     """Write the adapter (with the tokenizer), metrics.jsonl and the resolved config into the run folder."""
+    from sftbridge.training.tracking import TENSORBOARD
+
     adapter_dir = writer.staging / ADAPTER
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     # Written as training logged, beside the checkpoints: complete across resumes (see MetricsLog.restart_at).
     shutil.copyfile(Path(trainer.args.output_dir) / METRICS, writer.staging / METRICS)
-    if (events := Path(trainer.args.output_dir) / tracking.TENSORBOARD).is_dir():
-        shutil.copytree(events, writer.staging / tracking.TENSORBOARD)
+    if (events := Path(trainer.args.output_dir) / TENSORBOARD).is_dir():
+        shutil.copytree(events, writer.staging / TENSORBOARD)
     writer.write_text(CONFIG, dump_config(config))
 
 
-def build_manifest(
-    config: RunConfig,
-    *,
-    model: Any,
-    data: TrainingData,
-    device: Device,
-    precision: Precision,
-    result: Any,
-    final_eval: dict[str, float],
-    resumed_from: Path | None,
-    timings: dict[str, float],
-    learning: dict[str, Any] | None = None,
+def describe_run(
+    config: RunConfig, *, model: Any, data: TrainingData, device: Device, precision: Precision
 ) -> dict[str, Any]:
-    """The run's ``sftbridge.json``: what it was trained from, how, where, and how it ended.
-
-    ``result`` is what ``trainer.train()`` returned, ``final_eval`` what ``trainer.evaluate()`` did (or {}),
-    ``learning`` what :func:`learning_verdict` found (answer metrics, verdict, best model).
-    """
+    """What the run is, known before it trains: the first half of its manifest, and what the trackers log."""
     import torch
 
     from sftbridge.training.modeling import model_path
@@ -395,6 +383,25 @@ def build_manifest(
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         },
+    }
+
+
+def build_manifest(
+    description: dict[str, Any],
+    *,
+    result: Any,
+    final_eval: dict[str, float],
+    resumed_from: Path | None,
+    timings: dict[str, float],
+    learning: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's ``sftbridge.json``: what it was trained from, how and where (``describe_run``), how it ended.
+
+    ``result`` is what ``trainer.train()`` returned, ``final_eval`` what ``trainer.evaluate()`` did (or {}),
+    ``learning`` what :func:`learning_verdict` found (answer metrics, verdict, best model).
+    """
+    return {
+        **description,
         "timings": timings,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "metrics": {

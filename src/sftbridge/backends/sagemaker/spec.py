@@ -40,6 +40,12 @@ METRIC_DEFINITIONS = [
     {"Name": "train:tokens_per_second", "Regex": rf"\[train\] .*\btokens/s={_NUMBER}"},
     {"Name": "train:epoch", "Regex": rf"\[train\] .*\bepoch={_NUMBER}"},
     {"Name": "eval:loss", "Regex": rf"\[eval\] .*\beval_loss={_NUMBER}"},
+    # The answer metrics (training/answer_metrics.py) measured while training, each on its own [metrics]
+    # line; an evaluation at the same step repeats them as eval_answer_*, not charted twice.
+    *(
+        {"Name": f"answer:{name}", "Regex": rf"\[metrics\] .*\banswer_{name}={_NUMBER}"}
+        for name in ("exact_match", "contains", "mean_tokens", "eos_rate")
+    ),
 ]
 
 
@@ -239,6 +245,13 @@ def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
             notes.append(f"the MLflow server is in {arn.group(1)}, the job in {config.backend.region}")
         if not arn and not uri.startswith(("http://", "https://", "databricks")):
             notes.append(f"train.mlflow_tracking_uri {uri} is a path inside the job: lost when it ends")
+    if "wandb" in config.train.report_to and not {"WANDB_API_KEY", "WANDB_MODE"} & set(environment):
+        # wandb.init in a job without a key fails at the start of training, after the model has loaded.
+        notes.append(
+            "train.report_to has wandb but the job has no WANDB_API_KEY: set backend.environment.WANDB_MODE="
+            "offline (the run's files stay in the job), or set backend.environment.WANDB_API_KEY (anyone who "
+            "may call DescribeTrainingJob can read it)"
+        )
     if config.backend.pass_hf_token:
         token = os.environ.get("HF_TOKEN")
         if not token:
