@@ -132,3 +132,39 @@ def test_answer_metrics_off(tmp_path: Path) -> None:
     manifest, metrics = small_run(tmp_path, "train.answer_metrics=false", "train.epochs=1")
     assert "answer_metrics" not in manifest
     assert not any(key.startswith(("answer_", "base_answer_")) for m in metrics for key in m)
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    """lr 1e-7 leaves the greedy answers as they were, so exact match never improves after the first
+    evaluation: patience 1 stops at the second, and the run's adapter is the first evaluation's checkpoint."""
+    from safetensors.torch import load_file
+
+    checkpoints = tmp_path / "checkpoints"
+    manifest, metrics = small_run(
+        tmp_path,
+        "train.epochs=5",
+        "train.learning_rate=1e-7",
+        "data.validation_split_ratio=0.25",  # 24 trained, 8 asked: 2 steps an epoch at batch 16
+        "train.eval_strategy=epoch",
+        "train.load_best_model_at_end=true",
+        "train.metric_for_best_model=answer_exact_match",
+        "train.early_stopping_patience=1",
+        f"train.checkpoint_dir={checkpoints}",  # kept after the run, to compare with
+    )
+    evaluations = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evaluations] == [2, 4]  # stopped after the second of five epochs
+    assert all("eval_answer_exact_match" in m for m in evaluations)
+    best = manifest["best_model"]
+    assert best["best_step"] == 2 and best["stopped_early"] is True
+    assert (
+        best["metric"] == "answer_exact_match"
+        and best["best_metric"] == evaluations[0]["eval_answer_exact_match"]
+    )
+    assert Path(best["loaded_from"]).name == "checkpoint-2"
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    chosen = load_file(checkpoints / "checkpoint-2" / "adapter_model.safetensors")
+    last = load_file(checkpoints / "checkpoint-4" / "adapter_model.safetensors")
+    assert adapter.keys() == chosen.keys()
+    assert all(adapter[k].equal(chosen[k]) for k in adapter)
+    assert not all(adapter[k].equal(last[k]) for k in adapter)  # lr 1e-7 still moved the weights

@@ -28,6 +28,8 @@ def test_show_lists_every_key_with_type_default_and_description(capsys: pytest.C
     assert keys["data.format"].type == "'auto' | 'qa' | 'template' | 'messages' | 'text'"
     assert keys["lora.target_modules"].default == ["q_proj", "v_proj"]
     assert {"data.template.prompt", "data.template.completion"} <= set(keys)
+    undescribed = [k.key for k in keys.values() if not k.description]
+    assert not undescribed, f"give these fields a description in config.py: {undescribed}"
 
 
 def test_show_json_and_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -72,7 +72,9 @@ class ModelSection(_Section):
     attn_implementation: str | None = Field(
         None, description="sdpa, eager, flash_attention_2; None = default."
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code (only for a repository you trust)."
+    )
     hf_token_secret: str | None = Field(
         None,
         description="AWS Secrets Manager secret (name or ARN) holding the Hugging Face token, read where the "
@@ -120,8 +122,11 @@ class LoraSection(_Section):
     )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="JumpStart's lora_dropout.")
     # JumpStart (and PEFT's default for Llama) adapts the attention query and value projections only.
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module names LoRA adapts; all seven Llama projections learn new facts better.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train (PEFT's bias).")
 
 
 class TrainSection(_Section):
@@ -129,17 +134,28 @@ class TrainSection(_Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs.")
     learning_rate: float = Field(1e-4, gt=0, description="JumpStart's default learning rate.")
     per_device_batch_size: int = Field(4, gt=0, description="JumpStart's per_device_train_batch_size.")
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    per_device_eval_batch_size: int = Field(
+        8, gt=0, description="Batch size of evaluation and answer metrics."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Batches summed per optimizer step (effective batch = batch x this x GPUs)."
+    )
     lr_scheduler: str = Field(
         "linear", description="transformers scheduler name (linear, cosine, constant...)."
     )
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the optimizer steps spent raising the learning rate from 0.",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
     optim: str = Field("adamw_torch", description="transformers optimizer name; paged_adamw_8bit for QLoRA.")
     # Off by default: it costs ~30% speed; the 7B configs turn it on to fit activations on a 24 GB GPU.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
     # Speed options, each measured on/off by benchmarks/harness.py; on by default only where it won.
     packing: bool = Field(False, description="Pack examples into max_length rows (TRL best-fit decreasing).")
     padding_free: bool = Field(False, description="Flatten a batch into one row; needs flash attention.")
@@ -172,8 +188,10 @@ class TrainSection(_Section):
     )
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps; None = once per epoch.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
-    eval_strategy: Literal["no", "epoch", "steps"] = "epoch"
-    eval_steps: int | None = Field(None, gt=0)
+    eval_strategy: Literal["no", "epoch", "steps"] = Field(
+        "epoch", description="When to evaluate on the validation data (none held out: never)."
+    )
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (eval_strategy=steps).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU."
@@ -352,14 +370,14 @@ class BackendSection(_Section):
 
 
 class GenerationSection(_Section):
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer generated, in tokens.")
     do_sample: bool = Field(False, description="False = greedy (deterministic evaluation).")
     temperature: float = Field(
         0.6, gt=0, description="Used when sampling; the seed's endpoint payload used 0.6."
     )
     top_p: float = Field(0.9, gt=0, le=1.0, description="Used when sampling; the seed's payload used 0.9.")
-    top_k: int | None = Field(None, gt=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0, description="Used when sampling: keep the k likeliest tokens.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens; 1 = off.")
 
 
 class RunConfig(_Section):
