@@ -41,7 +41,7 @@ METRIC_DEFINITIONS = [
     {"Name": "train:epoch", "Regex": rf"\[train\] .*\bepoch={_NUMBER}"},
     {"Name": "eval:loss", "Regex": rf"\[eval\] .*\beval_loss={_NUMBER}"},
     # The answer metrics (training/answer_metrics.py) measured while training, each on its own [metrics]
-    # line; an evaluation at the same step repeats them as eval_answer_*, not charted twice.
+    # line; only that line counts (a line with eval_answer_* or base_answer_* is not charted twice).
     *(
         {"Name": f"answer:{name}", "Regex": rf"\[metrics\] .*\banswer_{name}={_NUMBER}"}
         for name in ("exact_match", "contains", "mean_tokens", "eos_rate")
