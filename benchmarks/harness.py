@@ -195,7 +195,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         name = torch.cuda.get_device_name(0)
         gpu = next((key for key, g in GPUS.items() if g.name.lower() in name.lower()), None)
         if gpu and result["tokens_per_second"]:
-            peak = GPUS[gpu].bf16_tflops * 1e12
+            peak = GPUS[gpu].peak_tflops * 1e12
             result["mfu"] = 4 * shapes.matmul_params * result["tokens_per_second"] / peak
         result["gpu"] = name
     plan = make_plan(config, gpu=gpu)

@@ -3,10 +3,14 @@
 Layout::
 
     runs/<run_name>-<YYYYmmdd-HHMMSS>/
-      adapter/          PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+      adapter/          PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer, and
+                        README.md: the model card (base model, data, config, metrics, how to load it)
       config.yaml       the resolved config (re-run with `sftbridge train config.yaml`)
       sftbridge.json    manifest: base model, prompt format, data hashes, versions, git, timings, metrics
       metrics.jsonl     training and evaluation logs, one JSON object per line
+      report.html       the run's report (train writes it, every eval rewrites it)
+      tensorboard/      TensorBoard event files, when train.report_to has tensorboard
+      eval-<data>.json  what `sftbridge eval` wrote, with eval-<data>-predictions.jsonl beside it
       COMPLETE          written last; a folder without it is never loaded as a finished run
 
 It is assembled under a temporary name beside the target and moved into place when complete.

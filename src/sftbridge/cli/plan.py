@@ -67,9 +67,11 @@ def render(plan: Plan, config: RunConfig) -> str:
         f"{t.attention_flops_per_token / 1e9:.3g} for attention",
     ]
     if t.seconds_per_epoch is not None and t.mfu_assumed is not None and plan.target.gpu is not None:
+        gpu = plan.target.gpu
         lines.append(
             f"time      {t.seconds_per_epoch / 60:.1f} min per epoch, {t.training_hours or 0:.2f} h in all, "
-            f"at an assumed {t.mfu_assumed:.0%} MFU of {plan.target.gpu.bf16_tflops:g} TFLOPS bf16 per GPU"
+            f"at an assumed {t.mfu_assumed:.0%} MFU of {gpu.peak_tflops:g} TFLOPS "
+            f"{'bf16' if gpu.bf16 else 'fp16'} per GPU"
         )
     if plan.cost is not None:
         c = plan.cost

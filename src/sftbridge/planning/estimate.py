@@ -441,7 +441,7 @@ def throughput(config: RunConfig, shapes: Shapes, batch: Batching, target: Machi
         mfu = target.gpu.mfu * (QLORA_SPEED if config.model.load_in_4bit else 1.0)
         flops = model_flops * (1.5 if config.train.gradient_checkpointing else 1.0) + attention
         seconds = (
-            batch.processed_tokens_per_epoch * flops / (target.world * target.gpu.bf16_tflops * 1e12 * mfu)
+            batch.processed_tokens_per_epoch * flops / (target.world * target.gpu.peak_tflops * 1e12 * mfu)
         )
     hours = seconds * config.train.epochs / 3600 if seconds is not None else None
     if config.train.max_steps > 0 and seconds is not None:

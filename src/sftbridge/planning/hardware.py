@@ -19,7 +19,7 @@ class Gpu:
     memory_mib: int  # total, as nvidia-smi reports it
     # Dense tensor-core peak (no sparsity, NVIDIA datasheets) of the 16-bit type the card trains in: bf16, or
     # fp16 where it has no bf16 (V100, T4)
-    bf16_tflops: float
+    peak_tflops: float
     mfu: float  # ASSUMED model-FLOPs utilisation of 16-bit LoRA (4N accounting); replace with measured values
     bf16: bool = True  # Ampere and newer; before it, training runs in fp16 (modeling.resolve_precision)
 

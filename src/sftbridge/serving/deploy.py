@@ -364,7 +364,12 @@ def _adapter_base(manifest: dict[str, Any], base: str | None) -> str:
 def _vllm_environment(
     target: Target, mode: str, base: str | None, dtype: str, manifest: dict[str, Any], rank: int
 ) -> dict[str, str]:
-    """``SM_VLLM_*`` variables: the image makes each a ``vllm serve`` flag (an empty value: a bare flag)."""
+    """``SM_VLLM_*`` variables: the image makes each a ``vllm serve`` flag (an empty value: a bare flag).
+
+    As the image's entrypoint does it (aws/deep-learning-containers ``vllm/build_artifacts/
+    sagemaker_entrypoint.sh``, and vLLM's own ``examples/online_serving/sagemaker-entrypoint.sh``): the prefix
+    dropped, lower case, ``_`` to ``-``, the value appended only when non-empty.
+    """
     environment = {
         "SM_VLLM_TENSOR_PARALLEL_SIZE": str(target.gpus),
         "SM_VLLM_DTYPE": dtype,
