@@ -186,7 +186,7 @@ def test_a_missing_capability_names_the_flag_and_the_backend(
 def test_local_command_uses_torchrun_for_several_processes() -> None:
     config = load_config(None, ["data.train_file=x.jsonl", "backend.num_processes=2"])
     command = LocalBackend().command(config, "c.yaml", ["train.epochs=1"], Path("runs/x"))
-    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[1:5] == ["-m", "sftbridge.training.torchrun", "--standalone", "--nproc_per_node=2"]
     assert command[-5:] == ["--config", "c.yaml", "--run-dir", "runs/x", "train.epochs=1"]
 
 

@@ -178,6 +178,29 @@ def test_a_second_ctrl_c_stops_at_once_without_an_orphan(tmp_path: Path) -> None
     interrupt_line(err)
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(tmp_path: Path) -> None:
+    """Two DDP workers (gloo, CPU) under torchrun, Ctrl-C to the whole group as a terminal sends it: both
+    ranks stop at the same step and save one checkpoint, no traceback, no worker left; the printed command
+    resumes to the end."""
+    process = start(tmp_path, "backend.num_processes=2")
+    launcher, _ = until_training(process)
+    workers = children(launcher)
+    assert len(workers) == 2
+    os.killpg(os.getpgid(process.pid), signal.SIGINT)
+    _, err = finish(process, launcher)
+    assert not any(alive(worker) for worker in workers), "a worker outlived torchrun"
+    assert "death signal" not in err  # torchrun's own warnings: only with -v
+    assert process.returncode == 130, err[-3000:]
+    line = interrupt_line(err)
+    resumed = subprocess.run(resume_command(line), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if not p.name.endswith(".checkpoints")]
+    manifest = load_manifest(run_dir)
+    assert manifest["device"]["world_size"] == 2 and manifest["metrics"]["global_step"] == 12
+    assert manifest["resumed_from"] is not None
+
+
 def in_terminal(argv: list[str], cwd: Path, keys: list[bytes]) -> tuple[str, int]:
     """``argv`` on a pseudo-terminal; each of ``keys`` typed once a loss is logged. Output, exit code."""
     pid, fd = pty.fork()

@@ -2,10 +2,10 @@
 
 Interrupts: the child runs in its own process group, so a terminal's Ctrl-C (sent to the whole foreground
 group) and a signal sent to this process alone reach it the same way: once, forwarded by ``LocalJob.wait``.
-The first SIGINT/SIGTERM lets the child finish its step and write a checkpoint; a second stops it at once; a
-third kills it. This process always waits for the child (no orphan), then prints one line: where the
-checkpoint is and the command that resumes it. Should this process die first, Linux sends the child SIGTERM
-(``PR_SET_PDEATHSIG``), which checkpoints it too.
+The first SIGINT/SIGTERM lets the child finish its step and write a checkpoint (under torchrun, every worker
+at the same step); a second stops it at once; a third kills it. This process always waits for the child (no
+orphan), then prints one line: where the checkpoint is and the command that resumes it. Should this process
+die first, Linux sends the child SIGTERM (``PR_SET_PDEATHSIG``), which checkpoints it too.
 """
 
 from __future__ import annotations
@@ -92,13 +92,19 @@ class LocalJob:
         return code if code >= 0 else 128 - code  # killed by a signal not sent through us (OOM killer...)
 
     def _forward(self, signum: int, _frame: Any) -> None:
+        """The first signal goes to the child (torchrun passes it on to each worker once): finish the step and
+        checkpoint. The second goes to the child's whole process group (the workers too): stop at once. A
+        third kills the group."""
         self.signals.append(signum)
         if self.process.poll() is not None:
             return
-        if len(self.signals) <= 2:  # the first finishes the step and checkpoints; the second stops at once
-            self.process.send_signal(signum)
-        else:
-            self.process.kill()
+        try:
+            if len(self.signals) == 1:
+                self.process.send_signal(signum)
+            else:  # the child leads its own process group (process_group=0 below)
+                os.killpg(self.process.pid, signum if len(self.signals) == 2 else signal.SIGKILL)
+        except ProcessLookupError:  # it ended in the meantime
+            pass
 
     def interrupted_line(self) -> str:
         checkpoint = latest_checkpoint(self.checkpoints)
@@ -136,11 +142,12 @@ class LocalBackend:
         self, config: RunConfig, config_path: str | None, overrides: list[str], run_dir: Path
     ) -> list[str]:
         if config.backend.num_processes > 1:
-            # torch.distributed.run is torchrun; --standalone needs no rendezvous server.
+            # torchrun (training/torchrun.py: a signal ends in 130/143, not a traceback); --standalone needs
+            # no rendezvous server.
             launcher = [
                 sys.executable,
                 "-m",
-                "torch.distributed.run",
+                "sftbridge.training.torchrun",
                 "--standalone",
                 f"--nproc_per_node={config.backend.num_processes}",
                 "-m",

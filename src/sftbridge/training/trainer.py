@@ -3,7 +3,8 @@
 - A checkpoint is marked complete once transformers has written all of it (``on_save``); resume only ever
   picks a complete one (``latest_checkpoint``), and unmarked leftovers of a crash are deleted.
 - SIGTERM (SageMaker spot reclaim, 120 s before the kill) and Ctrl-C finish the current step, write a
-  checkpoint and stop; the script then exits non-zero so the job is resumed, not mistaken for finished.
+  checkpoint and stop, on every rank at the same step; the script then exits non-zero so the job is resumed,
+  not mistaken for finished.
 - A NaN/inf loss or gradient norm stops training before the optimizer step and before any checkpoint.
 - Length-grouped batches come in an order fixed by (data seed, epoch), so a resumed run sees the same batches.
 
@@ -69,10 +70,22 @@ class StopOnSignal(TrainerCallback):
         self.signum = signum
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if args.world_size > 1:
+            self.signum = _agreed_signal(self.signum, args.device)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _agreed_signal(signum: int | None, device: Any) -> int | None:
+    """Every rank's signal, agreed at each step boundary: under torchrun the ranks get a signal at slightly
+    different moments, and a rank that stopped while another went on into the next step's all-reduce would
+    hang both until torchrun kills them. All ranks stop at the same step, with the same signal (the highest
+    seen), and save one checkpoint together. One tiny all-reduce per step, only when distributed."""
+    flag = torch.tensor([signum or 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
