@@ -345,6 +345,9 @@ def base_overrides(args: argparse.Namespace, model: str, train_file: Path) -> di
         "data.max_length": args.max_length,
         "train.device": args.device,
         "train.eval_strategy": "no",
+        # Training throughput only: the answer metrics' generation would count in train_runtime (their cost is
+        # measured on its own by benchmarks/answer_metrics_overhead.py).
+        "train.answer_metrics": False,
         "train.max_steps": args.steps,
         "train.per_device_batch_size": args.batch_size,
         "train.learning_rate": 1e-4,

@@ -66,7 +66,8 @@ def test_smoke_writes_every_result(tmp_path: Path) -> None:
             assert r["steps"] == 5 and r["step_seconds"] > 0 and r["tokens_per_second"] > 0
             assert r["peak_memory_bytes"] > 0
             assert 0 < r["non_pad_share"] <= 1 and r["plan_peak_bytes"] > 0
-            assert r["tokens_per_second_vs_baseline"] > 0
+            # the same order as plain TRL: a figure 30x off means something else ran inside train_runtime
+            assert r["tokens_per_second_vs_baseline"] > 0.25, (name, variant, r)
         if "+packing" in variants:
             assert variants["+packing"]["non_pad_share"] == pytest.approx(1.0, abs=0.02)
         assert variants["+group_by_length"]["non_pad_share"] > variants["baseline"]["non_pad_share"]
