@@ -101,6 +101,21 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``sftbridge train ARGS`` run to the end without a signal: what a resumed run must equal."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    straight = subprocess.run(
+        [*CLI, "train", *ARGS, "--run-dir", str(cwd / "run")],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return cwd / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "signum"),
@@ -108,7 +123,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
     ids=["SIGINT-to-the-cli", "SIGTERM-to-its-group"],
 )
 def test_a_signal_checkpoints_and_the_printed_command_resumes(
-    tmp_path: Path, target: str, signum: int
+    tmp_path: Path, target: str, signum: int, uninterrupted: Path
 ) -> None:
     process = start(tmp_path)
     child, _ = until_training(process)
@@ -133,15 +148,7 @@ def test_a_signal_checkpoints_and_the_printed_command_resumes(
     assert manifest["metrics"]["global_step"] == 12
 
     # The same final adapter as an uninterrupted run of the same command.
-    straight = subprocess.run(
-        [*CLI, "train", *ARGS, "--run-dir", str(tmp_path / "straight")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first, second = adapter(tmp_path / "straight"), adapter(tmp_path / run_dir)
+    first, second = adapter(uninterrupted), adapter(tmp_path / run_dir)
     assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-7)
