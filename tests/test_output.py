@@ -82,39 +82,61 @@ def test_the_hook_makes_bitsandbytes_warn_at_import(tmp_path: Path) -> None:
     assert WARNING not in plain.stderr
 
 
+def side_by_side(*commands: tuple[list[str], dict[str, str]]) -> list[subprocess.CompletedProcess[str]]:
+    """``sftbridge ARGV`` for each (argv, env), all at once: most of a short command is Python importing,
+    one core each, so two run in the time of one."""
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sftbridge.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for argv, env in commands
+    ]
+    results = []
+    for process in started:
+        out, err = process.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
 @pytest.mark.slow
 def test_an_import_time_warning_changes_no_command(trained_run: Path, tmp_path: Path) -> None:
+    """Each command on a plain CPU and on a hooked one, side by side, each on its own copy of the run (eval
+    writes into the run it scores): the same exit code and output, but for the copy's name."""
     pytest.importorskip("bitsandbytes")
-    hooked, plain = avx512bf16_env(tmp_path), plain_env()
-    run = shutil.copytree(trained_run, tmp_path / "run")  # eval writes its results into the run it scores
-    commands = [
-        ("generate", str(run), QUESTION, "--device", "cpu"),
-        ("eval", str(run), "--limit", "2", "--no-base", "--device", "cpu"),
-        ("generate", str(tmp_path / "missing-run"), QUESTION),  # an error exits the same way too
-    ]
-    for argv in commands:
-        expected = run_cli(*argv, env=plain)
-        got = run_cli(*argv, env=hooked)
+    envs = {"plain": plain_env(), "hooked": avx512bf16_env(tmp_path)}
+    for name in envs:
+        shutil.copytree(trained_run, tmp_path / name)
+
+    def argv_for(name: str) -> list[list[str]]:
+        run = str(tmp_path / name)
+        return [
+            ["generate", run, QUESTION, "--device", "cpu"],
+            ["eval", run, "--limit", "2", "--no-base", "--device", "cpu"],
+            ["merge", run, "--out", str(tmp_path / f"{name}-merged")],
+            ["generate", str(tmp_path / "missing-run"), QUESTION],  # an error exits the same way too
+        ]
+
+    for plain_argv, hooked_argv in zip(argv_for("plain"), argv_for("hooked"), strict=True):
+        expected, got = side_by_side((plain_argv, envs["plain"]), (hooked_argv, envs["hooked"]))
+        assert expected.returncode == 0 or plain_argv[1].endswith("missing-run"), expected.stderr[-2000:]
         assert (got.returncode, got.stdout, got.stderr) == (
             expected.returncode,
-            expected.stdout,
-            expected.stderr,
-        ), argv
+            expected.stdout.replace("plain", "hooked"),
+            expected.stderr.replace("plain", "hooked"),
+        ), hooked_argv
         assert WARNING not in got.stderr + got.stdout
 
-    # merge writes a folder: compare its output with the same command's on a plain CPU.
-    merged = [
-        run_cli("merge", str(trained_run), "--out", str(tmp_path / name), env=env)
-        for name, env in (("plain", plain), ("hooked", hooked))
-    ]
-    assert [m.returncode for m in merged] == [0, 0], merged[1].stderr[-2000:]
-    assert merged[1].stderr == merged[0].stderr
-    assert merged[1].stdout == merged[0].stdout.replace("plain", "hooked")
-
     # -v (or SFTBRIDGE_VERBOSE=1) shows the libraries' warnings again.
-    verbose = run_cli("-v", *commands[0], env=hooked)
+    question = ["generate", str(tmp_path / "hooked"), QUESTION, "--device", "cpu"]
+    verbose, by_env = side_by_side(
+        (["-v", *question], envs["hooked"]), (question, {**envs["hooked"], "SFTBRIDGE_VERBOSE": "1"})
+    )
     assert verbose.returncode == 0 and WARNING in verbose.stderr
-    by_env = run_cli(*commands[0], env={**hooked, "SFTBRIDGE_VERBOSE": "1"})
     assert by_env.returncode == 0 and WARNING in by_env.stderr
 
 
