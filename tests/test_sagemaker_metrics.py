@@ -152,7 +152,13 @@ def test_mlflow_arn_reaches_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_wandb_without_a_key_in_the_job_is_pointed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    assert any("WANDB_MODE=offline" in note for note in job_spec("train.report_to=[wandb]").notes)
+    (note,) = [n for n in job_spec("train.report_to=[wandb]").notes if "WANDB" in n]
+    assert "backend.secret_environment.WANDB_API_KEY" in note and "WANDB_MODE=offline" in note
+    # From Secrets Manager: only the secret's name travels (a hyperparameter the script reads), no value.
+    keyed = job_spec("train.report_to=[wandb]", "backend.secret_environment.WANDB_API_KEY=team/wandb")
+    assert not any("WANDB" in n for n in keyed.notes)
+    assert keyed.hyperparameters["backend.secret_environment.WANDB_API_KEY"] == "team/wandb"
+    assert "WANDB_API_KEY" not in keyed.environment
     offline = job_spec("train.report_to=[wandb]", "backend.environment.WANDB_MODE=offline")
     assert offline.environment["WANDB_MODE"] == "offline"
     assert not any("WANDB" in note for note in offline.notes)

@@ -7,6 +7,7 @@ model and data reproduces the seed's job.
 from __future__ import annotations
 
 import difflib
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -339,6 +340,12 @@ class BackendSection(_Section):
         description="SageMaker: extra environment variables of the job; DescribeTrainingJob shows them, "
         "so no secrets here.",
     )
+    secret_environment: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables the training script sets from AWS Secrets Manager where it runs, "
+        "as NAME: secret name or ARN (e.g. WANDB_API_KEY: team/wandb); only the secret's name travels in a "
+        "job request. The role running the script needs secretsmanager:GetSecretValue on each.",
+    )
     pass_hf_token: bool = Field(
         False,
         description="SageMaker: copy the local HF_TOKEN into the job's environment, where "
@@ -357,6 +364,14 @@ class BackendSection(_Section):
     def _mapping(cls, value: Any) -> Any:
         if not isinstance(value, dict | BaseModel):  # one clear error, not one per member of the union
             raise ValueError("must be a mapping of the backend's settings, key: value")
+        return value
+
+    @field_validator("secret_environment")
+    @classmethod
+    def _variable_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{name!r} is not an environment variable name (letters, digits, _)")
         return value
 
     @model_validator(mode="after")

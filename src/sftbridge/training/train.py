@@ -212,7 +212,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from sftbridge.aws.secrets import export_hf_token
+    from sftbridge.aws.secrets import export_hf_token, export_secret_environment
     from sftbridge.data.loading import load_data
     from sftbridge.report import write_run_documents
     from sftbridge.training import tracking
@@ -236,6 +236,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     # weights exist.
     loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
     export_hf_token(config.model.hf_token_secret)
+    export_secret_environment(config.backend.secret_environment)  # a tracker's key, before trackers start
     tokenizer = load_tokenizer(config.model)
     data = encode_data(config, loaded, tokenizer)
     questions = sample_questions(config, loaded)  # the fixed sample the answer metrics ask during training

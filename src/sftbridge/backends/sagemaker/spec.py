@@ -245,12 +245,14 @@ def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
             notes.append(f"the MLflow server is in {arn.group(1)}, the job in {config.backend.region}")
         if not arn and not uri.startswith(("http://", "https://", "databricks")):
             notes.append(f"train.mlflow_tracking_uri {uri} is a path inside the job: lost when it ends")
-    if "wandb" in config.train.report_to and not {"WANDB_API_KEY", "WANDB_MODE"} & set(environment):
+    given = set(environment) | set(config.backend.secret_environment)
+    if "wandb" in config.train.report_to and not {"WANDB_API_KEY", "WANDB_MODE"} & given:
         # wandb.init in a job without a key fails at the start of training, after the model has loaded.
         notes.append(
-            "train.report_to has wandb but the job has no WANDB_API_KEY: set backend.environment.WANDB_MODE="
-            "offline (the run's files stay in the job), or set backend.environment.WANDB_API_KEY (anyone who "
-            "may call DescribeTrainingJob can read it)"
+            "train.report_to has wandb but the job has no WANDB_API_KEY: give it one from Secrets Manager "
+            "(backend.secret_environment.WANDB_API_KEY=<secret>; the job's role needs "
+            "secretsmanager:GetSecretValue), or set backend.environment.WANDB_MODE=offline (the run's files "
+            "stay in the job)"
         )
     if config.backend.pass_hf_token:
         token = os.environ.get("HF_TOKEN")
