@@ -87,6 +87,10 @@ def aws(aws_env: dict[str, str]) -> Iterator[None]:
 
     with mock_aws():
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        # the seed job's model.hf_token_secret, which submit checks exists
+        boto3.client("secretsmanager", region_name="us-east-1").create_secret(
+            Name="sftbridge/hf-token", SecretString="hf_stored"
+        )
         yield
 
 
@@ -423,8 +427,15 @@ def test_a_secret_in_a_config_value_is_refused(aws: None) -> None:
         ("", ["backend.role=SageMakerRole"], r"^backend\.role: 'SageMakerRole' is not a role ARN"),
         ("", ["backend.instance_type=ml.g5.3xlarge"], r"^backend\.instance_type: 'ml\.g5\.3xlarge' is not"),
         ("", ["backend.bucket=no-such-bucket"], r"^backend\.bucket: s3://no-such-bucket does not exist"),
+        ("", ["model.hf_token_secret=sftbridge/hf-tokn"], r"^model\.hf_token_secret: there is no secret"),
+        (
+            "",
+            ["backend.secret_environment.WANDB_API_KEY=team/wandb"],
+            r"^backend\.secret_environment\.WANDB_API_KEY: there is no secret 'team/wandb' in us-east-1; "
+            r"fix the name, or create it: aws secretsmanager create-secret",
+        ),
     ],
-    ids=["credentials", "region", "role", "role-arn", "instance-type", "bucket"],
+    ids=["credentials", "region", "role", "role-arn", "instance-type", "bucket", "hf-secret", "secret-env"],
 )
 def test_preflight_errors_come_before_any_upload(
     aws: None, monkeypatch: pytest.MonkeyPatch, setup: str, overrides: list[str], message: str
@@ -676,6 +687,8 @@ def test_cli_train_status_logs_fetch_eval(moto_server: str, model_dir: Path, tmp
     env = {**os.environ, "AWS_ENDPOINT_URL": moto_server}
     s3 = boto3.client("s3", endpoint_url=moto_server)
     s3.create_bucket(Bucket=BUCKET)
+    secrets = boto3.client("secretsmanager", endpoint_url=moto_server)
+    secrets.create_secret(Name="sftbridge/hf-token", SecretString="hf_stored")  # as the config's comment says
 
     submitted = sftbridge(
         "train", str(SEED_JOB), f"backend.role={ROLE}", f"backend.bucket={BUCKET}", "--detach", env=env

@@ -104,3 +104,32 @@ def ensure_writable_bucket(
             f"{setting}: cannot write to s3://{bucket}/{probe} ({reason(exc)}); use a bucket these "
             "credentials can write"
         ) from None
+
+
+def check_secrets(
+    session: Any, region: str, secrets: dict[str, str], error: type[UserError] = UserError
+) -> None:
+    """Each secret a job will read exists (DescribeSecret): a misspelt name fails here, not minutes into the
+    job. ``secrets`` maps the setting that names it to the secret's name or ARN. A secret these credentials
+    may not describe is left to the job's role, with a warning."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for setting, secret_id in secrets.items():
+        where = secret_id.split(":")[3] if secret_id.startswith("arn:") else region  # an ARN names its region
+        try:
+            session.client("secretsmanager", region_name=where).describe_secret(SecretId=secret_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                raise error(
+                    f"{setting}: there is no secret {secret_id!r} in {where}; fix the name, or create "
+                    f"it: aws secretsmanager create-secret --region {where} --name {secret_id} "
+                    "--secret-string VALUE"
+                ) from None
+            log.warning(
+                "%s: cannot check secret %r with these credentials (%s); the job's role must read it",
+                setting,
+                secret_id,
+                reason(exc),
+            )
+        except BotoCoreError as exc:
+            log.warning("%s: cannot check secret %r (%s)", setting, secret_id, exc)

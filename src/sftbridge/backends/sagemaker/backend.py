@@ -120,6 +120,10 @@ class SageMakerBackend:
             spec = self.spec(config, config_path, boto)
         for note in spec.notes:
             log.warning("%s", note)
+        secrets = {f"backend.secret_environment.{k}": v for k, v in config.backend.secret_environment.items()}
+        if config.model.hf_token_secret:
+            secrets["model.hf_token_secret"] = config.model.hf_token_secret
+        preflight.check_secrets(boto, spec.region, secrets, error=ConfigError)
         bucket = config.backend.bucket or preflight.default_bucket(spec.region, preflight.account_id(boto))
         preflight.ensure_writable_bucket(
             boto,
