@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_clis
 
 WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 QUESTION = "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
@@ -82,27 +82,6 @@ def test_the_hook_makes_bitsandbytes_warn_at_import(tmp_path: Path) -> None:
     assert WARNING not in plain.stderr
 
 
-def side_by_side(*commands: tuple[list[str], dict[str, str]]) -> list[subprocess.CompletedProcess[str]]:
-    """``sftbridge ARGV`` for each (argv, env), all at once: most of a short command is Python importing,
-    one core each, so two run in the time of one."""
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sftbridge.cli", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
-        for argv, env in commands
-    ]
-    results = []
-    for process in started:
-        out, err = process.communicate(timeout=600)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    return results
-
-
 @pytest.mark.slow
 def test_an_import_time_warning_changes_no_command(trained_run: Path, tmp_path: Path) -> None:
     """Each command on a plain CPU and on a hooked one, side by side, each on its own copy of the run (eval
@@ -122,7 +101,7 @@ def test_an_import_time_warning_changes_no_command(trained_run: Path, tmp_path: 
         ]
 
     for plain_argv, hooked_argv in zip(argv_for("plain"), argv_for("hooked"), strict=True):
-        expected, got = side_by_side((plain_argv, envs["plain"]), (hooked_argv, envs["hooked"]))
+        expected, got = run_clis((plain_argv, envs["plain"]), (hooked_argv, envs["hooked"]))
         assert expected.returncode == 0 or plain_argv[1].endswith("missing-run"), expected.stderr[-2000:]
         assert (got.returncode, got.stdout, got.stderr) == (
             expected.returncode,
@@ -133,7 +112,7 @@ def test_an_import_time_warning_changes_no_command(trained_run: Path, tmp_path: 
 
     # -v (or SFTBRIDGE_VERBOSE=1) shows the libraries' warnings again.
     question = ["generate", str(tmp_path / "hooked"), QUESTION, "--device", "cpu"]
-    verbose, by_env = side_by_side(
+    verbose, by_env = run_clis(
         (["-v", *question], envs["hooked"]), (question, {**envs["hooked"], "SFTBRIDGE_VERBOSE": "1"})
     )
     assert verbose.returncode == 0 and WARNING in verbose.stderr

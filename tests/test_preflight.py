@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_clis
 
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "bitsandbytes")
@@ -158,14 +158,13 @@ def test_generate_and_eval_accept_a_merged_folder(trained_run: Path, tmp_path: P
     merged = tmp_path / "merged"
     assert run_cli("merge", str(trained_run), "--out", str(merged)).returncode == 0
     question = json.loads(SAMPLE_TEST.read_text().splitlines()[0])["question"]
-    from_run = run_cli("generate", str(trained_run), question, "--device", "cpu")
-    from_merged = run_cli("generate", str(merged), question, "--device", "cpu")
+    evaluate = ["eval", str(merged), "--data", str(SAMPLE_TEST), "--limit", "2", "--device", "cpu"]
+    from_run, from_merged, evaluated = run_clis(
+        (["generate", str(trained_run), question, "--device", "cpu"], None),
+        (["generate", str(merged), question, "--device", "cpu"], None),
+        ([*evaluate, "--json", str(tmp_path / "eval.json")], None),
+    )
     assert from_merged.returncode == 0, from_merged.stderr[-2000:]
     assert from_merged.stdout == from_run.stdout  # the same answer, prompted with the same template
-
-    evaluated = run_cli(
-        "eval", str(merged), "--data", str(SAMPLE_TEST), "--limit", "2", "--device", "cpu",
-        "--json", str(tmp_path / "eval.json"),
-    )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert (tmp_path / "eval.json").is_file()
