@@ -27,6 +27,8 @@ from sftbridge.errors import ConfigError
 from sftbridge.hf_names import ATTN_IMPLEMENTATIONS, HUB_KERNEL, LR_SCHEDULERS, OPTIMIZERS, check_name
 
 BUILTIN_TINY_MODEL = "builtin:tiny-llama"
+# An environment variable name, as the shell and SageMaker accept it.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Section(BaseModel):
@@ -370,7 +372,7 @@ class BackendSection(_Section):
     @classmethod
     def _variable_names(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            if not ENV_NAME.match(name):
                 raise ValueError(f"{name!r} is not an environment variable name (letters, digits, _)")
         return value
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker import hyperparameters as hp
-from sftbridge.config import RunConfig, load_config
+from sftbridge.config import ENV_NAME, RunConfig, load_config
 from sftbridge.data.loading import sha256_file
 from sftbridge.errors import ConfigError, DataError
 from sftbridge.planning.hardware import PRICE_TABLE_DATE, gpu_count, price_per_hour
@@ -26,7 +26,6 @@ CODE_CHANNEL = "code"
 SUBMIT_DIRECTORY = f"/opt/ml/input/data/{CODE_CHANNEL}"
 ENTRY_SCRIPT = "train.py"
 SPLIT_CHANNELS = {"train_file": "train", "validation_file": "validation", "test_file": "test"}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MLFLOW_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:([a-z0-9-]+):\d{12}:mlflow-tracking-server/[\w-]+$")
 
 _NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
