@@ -285,8 +285,13 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         answers = AnswerMetrics(trainer, questions, data.prompt_format, config) if questions else None
         for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
             trainer.add_callback(callback)
-        description = describe_run(config, model=model, data=data, device=device, precision=precision)
-        if config.train.report_to:
+        # What the run is (the manifest's first half, what the trackers log): only rank 0 writes either.
+        description = (
+            describe_run(config, model=model, data=data, device=device, precision=precision)
+            if rank == 0
+            else {}
+        )
+        if config.train.report_to and rank == 0:
             params = tracking.run_params(description, run_dir)
             trainer.add_callback(tracking.RunParams(trainer, list(config.train.report_to), params))
 
