@@ -189,6 +189,9 @@ def sft_config(
         disable_tqdm=True,  # progress.Progress draws the bar or prints the lines instead
         seed=config.seed,
         data_seed=config.seed,
+        # Every LoRA weight is used in every forward pass. transformers' own default (True for a PEFT model,
+        # which is no PreTrainedModel) costs DDP an extra autograd traversal per step and a warning per rank.
+        ddp_find_unused_parameters=False,
         use_cpu=device == "cpu",
         # TRL defaults to bf16; the CPU trains in fp32 (bf16 autocast there is slower and changes logits).
         bf16=precision == "bf16",
