@@ -143,7 +143,6 @@ class AnswerMetrics(TrainerCallback):
             self.final = self.last[1]
         else:
             self.final = self._measure(base=False)
-            self.last = (state.global_step, self.final)  # what the final evaluation reports: this adapter's
 
     # ---- measuring -----------------------------------------------------------------------------------------
     def _measure_and_log(self, state: Any) -> None:
