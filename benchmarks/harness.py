@@ -83,9 +83,9 @@ def build_random_model(spec: str, out_dir: Path) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from sftbridge.config import ModelSection
+    from sftbridge.models.builtin import llama_config
+    from sftbridge.models.loading import model_path
     from sftbridge.planning.model_shapes import KNOWN_SHAPES, Shapes
-    from sftbridge.training.modeling import model_path
-    from sftbridge.training.tiny_model import llama_config
 
     name = spec.removeprefix("random:")
     shapes = (
@@ -226,7 +226,7 @@ def plain_trl(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from sftbridge.training.modeling import model_path
+    from sftbridge.models.loading import model_path
 
     path = model_path(config.model)
     cuda = config.train.device != "cpu" and torch.cuda.is_available()

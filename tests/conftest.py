@@ -78,7 +78,7 @@ def _environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     from sftbridge.config import ModelSection
-    from sftbridge.training.modeling import load_tokenizer
+    from sftbridge.models.loading import load_tokenizer
 
     return load_tokenizer(ModelSection())
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from conftest import write_jsonl
-from sftbridge.backends import Backend, available_backends, get_backend
+from sftbridge.backends import Backend, available_backends, get_backend, options_model
 from sftbridge.backends.local import LocalBackend
 from sftbridge.config import dump_config, load_config, validate_config
 from sftbridge.errors import ConfigError, DataError
@@ -109,16 +109,20 @@ def test_builtin_backends_declare_their_capabilities() -> None:
 
 def test_typed_settings_are_validated_at_config_load(entry_points: list[str]) -> None:
     config = load_config(
-        None, ["data.train_file=x.jsonl", "backend.name=thirdparty", "backend.options.queue=q"]
+        None,
+        ["data.train_file=x.jsonl", "backend.name=thirdparty", "backend.options.queue=q"],
+        options_model=options_model,
     )
     assert config.backend.options == ThirdPartySettings(queue="q")
     assert "options:\n    queue: q\n    region: moon-1\n    nodes: 1\n" in dump_config(config)
-    assert validate_config(config.to_dict()).backend.options == config.backend.options  # round trip
+    round_trip = validate_config(config.to_dict(), options_model=options_model)
+    assert round_trip.backend.options == config.backend.options
 
     with pytest.raises(ConfigError) as error:
         load_config(
             None,
             ["backend.name=thirdparty", "backend.options.regoin=mars", "backend.options.nodes=0", "lora.r=0"],
+            options_model=options_model,
         )
     assert str(error.value).splitlines() == [
         "config: 5 problem(s):",
@@ -132,7 +136,11 @@ def test_typed_settings_are_validated_at_config_load(entry_points: list[str]) ->
 
 def test_an_unknown_backend_is_a_config_problem(entry_points: list[str]) -> None:
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["data.train_file=x.jsonl", "backend.name=nope", "backend.options=3"])
+        load_config(
+            None,
+            ["data.train_file=x.jsonl", "backend.name=nope", "backend.options=3"],
+            options_model=options_model,
+        )
     assert str(error.value).splitlines() == [
         "config: 2 problem(s):",
         "  backend.options: must be a mapping of the backend's settings, key: value (got 3)",
@@ -143,7 +151,8 @@ def test_an_unknown_backend_is_a_config_problem(entry_points: list[str]) -> None
 def test_builtin_backends_take_no_plugin_lookup(entry_points: list[str]) -> None:
     """Loading a config for local or sagemaker imports no third-party backend; their options stay a dict."""
     for name in ("local", "sagemaker"):
-        config = load_config(None, ["data.train_file=x.jsonl", f"backend.name={name}", "backend.options.a=1"])
+        overrides = ["data.train_file=x.jsonl", f"backend.name={name}", "backend.options.a=1"]
+        config = load_config(None, overrides, options_model=options_model)
         assert config.backend.options == {"a": 1}
     assert entry_points == []
 

@@ -114,7 +114,7 @@ def test_flash_attention_is_refused_where_it_cannot_run(device: str, message: st
     import importlib.util
 
     from sftbridge.config import ModelSection
-    from sftbridge.training.modeling import check_attention
+    from sftbridge.models.loading import check_attention
 
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")

@@ -91,7 +91,7 @@ def test_qlora_run_merges_into_a_full_precision_base(tiny_config: Any, tmp_path:
 
     from sftbridge.inference.merge import merge_run
     from sftbridge.inference.predictor import Predictor
-    from sftbridge.training.modeling import load_model
+    from sftbridge.models.loading import load_model
     from sftbridge.training.train import train
 
     config = tiny_config(model__load_in_4bit=True, train__max_steps=4)

@@ -87,7 +87,7 @@ def test_activation_model_matches_what_autograd_saves(masked: bool, dropout: flo
     from transformers import AutoModelForCausalLM
 
     from sftbridge.config import ModelSection
-    from sftbridge.training.modeling import model_path
+    from sftbridge.models.loading import model_path
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = AutoModelForCausalLM.from_pretrained(model_path(ModelSection()), dtype=torch.float32)
@@ -329,7 +329,7 @@ def test_run_resolves_fp16_on_a_gpu_without_bf16(monkeypatch: pytest.MonkeyPatch
     import torch
 
     from sftbridge.config import TrainSection
-    from sftbridge.training.modeling import resolve_precision
+    from sftbridge.models.loading import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert resolve_precision(TrainSection(), "cuda") == "fp16"

@@ -24,7 +24,7 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     from sftbridge.config import load_config
     from sftbridge.data.formatting import resolve_chat_format
     from sftbridge.data.loading import encode_split, load_data
-    from sftbridge.training.modeling import load_tokenizer
+    from sftbridge.models.loading import load_tokenizer
 
     config = load_config(None, [f"data.train_file={SAMPLE_TRAIN}", "data.validation_split_ratio=0"])
     data = load_data(config.data, eval_strategy="no", with_test=False)
@@ -44,7 +44,7 @@ def make_trainer(encoded: list[Any], trainer_class: Any = None, **options: Any) 
     from trl import SFTTrainer
 
     from sftbridge.config import ModelSection, load_config
-    from sftbridge.training.modeling import load_model, load_tokenizer, lora_config
+    from sftbridge.models.loading import load_model, load_tokenizer, lora_config
     from sftbridge.training.train import sft_config
 
     set_seed(0)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import FAKE_TOKEN, ROOT, SAMPLE_TRAIN
 from sftbridge.config import ModelSection
+from sftbridge.models.loading import model_path
 from sftbridge.runs import COMPLETE, load_manifest
-from sftbridge.training.modeling import model_path
 
 RUN_FILES = {"COMPLETE", "adapter", "config.yaml", "metrics.jsonl", "report.html", "sftbridge.json"}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -432,6 +433,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return nested
 
 
+def parse_flag_overrides(items: list[str]) -> dict[str, Any]:
+    """The training script's overrides: ``--section.key value`` (SageMaker's hyperparameter form),
+    ``--section.key=value`` or ``section.key=value`` → a nested dict."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if (not item.startswith("--") and "=" not in item) or item == "--":
+            raise ConfigError(f"argument {item!r}: expected --section.key value or section.key=value")
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            if index + 1 >= len(items):
+                raise ConfigError(f"argument {item}: missing its value")
+            index += 1
+            value = items[index]
+        set_dotted(overrides, key, parse_value(value))
+        index += 1
+    return overrides
+
+
 def parse_value(raw: Any) -> Any:
     """A value given as text (``true``, ``1e-4``, ``[q_proj, v_proj]``, ``null``) parsed as YAML.
 
@@ -502,18 +523,33 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+# Given a backend name, the pydantic model of its ``backend.options`` (None: an untyped dict); raises
+# ConfigError for an unknown name. The caller hands it in (``backends.options_model``), so validating a config
+# imports no backend.
+OptionsModel = Callable[[str], "type[BaseModel] | None"]
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    options_model: OptionsModel | None = None,
+) -> RunConfig:
     """Read a YAML config, apply overrides, validate. Raises ConfigError listing every problem."""
     raw = read_yaml(path) if path is not None else {}
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     if overrides:
         raw = deep_merge(raw, overrides)
-    return validate_config(raw, source=str(path) if path is not None else "config")
+    return validate_config(
+        raw, source=str(path) if path is not None else "config", options_model=options_model
+    )
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    settings, problems = _backend_settings(raw)
+def validate_config(
+    raw: dict[str, Any], source: str = "config", *, options_model: OptionsModel | None = None
+) -> RunConfig:
+    settings, problems = _backend_settings(raw, options_model) if options_model else (None, [])
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -526,21 +562,16 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     return config
 
 
-def _backend_settings(raw: dict[str, Any]) -> tuple[BaseModel | None, list[str]]:
-    """``backend.options`` validated against a third-party backend's ``settings_model``, or the problems.
-
-    Only a backend that is not built in is imported here (built-in ones declare no settings model), so
-    loading a config stays light."""
-    from sftbridge.backends import BUILTIN_BACKENDS, backend_class
-
+def _backend_settings(raw: dict[str, Any], options_model: OptionsModel) -> tuple[BaseModel | None, list[str]]:
+    """``backend.options`` validated against the model ``options_model`` gives for the backend, or the
+    problems."""
     section = raw.get("backend")
     section = section if isinstance(section, dict) else {}
     name = section.get("name", BackendSection.model_fields["name"].default)
-    if not isinstance(name, str) or name in BUILTIN_BACKENDS:
+    if not isinstance(name, str):
         return None, []  # a name of the wrong type is reported by the schema
     try:
-        # A class without the attribute fails get_backend's protocol check, which lists what it lacks.
-        model: type[BaseModel] | None = getattr(backend_class(name), "settings_model", None)
+        model = options_model(name)
     except ConfigError as exc:
         return None, [f"backend.name: {exc}"]
     options = section.get("options", {})

@@ -109,6 +109,16 @@ def backend_class(name: str) -> Any:
     return matches[0].load()
 
 
+def options_model(name: str) -> Any:
+    """The pydantic model of ``backend.options`` for backend ``name`` (None: an untyped dict), what
+    ``config.load_config(..., options_model=...)`` takes. Only a third-party backend is imported (built-in
+    ones declare no settings model), so loading a config stays light."""
+    if name in BUILTIN_BACKENDS:
+        return None
+    # A class without the attribute fails get_backend's protocol check, which lists what it lacks.
+    return getattr(backend_class(name), "settings_model", None)
+
+
 def get_backend(name: str) -> Backend:
     cls = backend_class(name)
     backend = cls()

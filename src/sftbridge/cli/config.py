@@ -161,9 +161,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         else:
             print(render_keys(keys))
         return 0
+    from sftbridge.backends import options_model
     from sftbridge.config import dump_config, load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, options_model=options_model)
     print(json.dumps(config.to_dict(), indent=2) if args.json else dump_config(config), end="")
     if args.json:
         print()
@@ -265,6 +266,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_from_jumpstart(args: argparse.Namespace) -> int:
+    from sftbridge.backends import options_model
     from sftbridge.config import set_dotted, validate_config
     from sftbridge.jumpstart import DEFAULT_MODEL, convert, read_hyperparameters
 
@@ -273,7 +275,8 @@ def cmd_from_jumpstart(args: argparse.Namespace) -> int:
     nested: dict[str, Any] = {}
     for key, value in result.values.items():
         set_dotted(nested, key, value)
-    validate_config(nested, source=f"{args.hyperparameters} converted")  # e.g. a ratio JumpStart allows
+    # e.g. a ratio JumpStart allows that sftbridge does not
+    validate_config(nested, source=f"{args.hyperparameters} converted", options_model=options_model)
     comments = {key: result.origin(key) for key in result.values}
     comments["data.train_file"] = "JumpStart's training channel: point this at its JSONL"
     text = (

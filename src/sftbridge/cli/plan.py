@@ -33,9 +33,10 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from sftbridge.backends import options_model
     from sftbridge.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, options_model=options_model)
     plan = make_plan(config, gpu=args.gpu, instance_type=args.instance_type)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, config))
     return 0  # a run that will not fit is a warning, not an error: the plan itself succeeded

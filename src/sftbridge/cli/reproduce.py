@@ -46,7 +46,7 @@ def version_differences(manifest: dict[str, Any]) -> list[str]:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from sftbridge.backends import get_backend
+    from sftbridge.backends import get_backend, options_model
     from sftbridge.config import load_config
     from sftbridge.runs import CONFIG, load_manifest
 
@@ -57,7 +57,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     for difference in version_differences(manifest):
         print(f"warning: version differs: {difference}; results may differ", file=sys.stderr)
     config_path = str(args.run / CONFIG)
-    config = load_config(config_path)
+    config = load_config(config_path, options_model=options_model)
     backend = get_backend(config.backend.name)
     job = backend.submit(config, config_path=config_path, overrides=[], run_dir=args.run_dir)
     code = job.wait()

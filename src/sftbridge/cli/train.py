@@ -45,14 +45,14 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sftbridge.backends import get_backend
+    from sftbridge.backends import get_backend, options_model
     from sftbridge.config import load_config
     from sftbridge.data.loading import load_data
 
     overrides = list(args.overrides)
     if args.backend:
         overrides.append(f"backend.name={args.backend}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, options_model=options_model)
     backend = get_backend(config.backend.name)
     check_capabilities(args, backend)
     # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
@@ -103,12 +103,13 @@ def check_capabilities(args: argparse.Namespace, backend: Backend) -> None:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    from sftbridge.backends import options_model
     from sftbridge.config import load_config
     from sftbridge.data.formatting import resolve_chat_format
     from sftbridge.data.loading import encode_split, load_data
-    from sftbridge.training.modeling import load_tokenizer
+    from sftbridge.models.loading import load_tokenizer
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, options_model=options_model)
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
     chat_format = resolve_chat_format(config.data.chat_format, tokenizer)

@@ -59,7 +59,7 @@ def merge_run(
     from transformers import AutoTokenizer
 
     from sftbridge.config import RunConfig
-    from sftbridge.training.modeling import load_run_base
+    from sftbridge.models.loading import load_run_base
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest = load_manifest(run_dir)
@@ -122,7 +122,7 @@ def load_merged(path: str | Path, *, device: str = "auto") -> Any:
 
     from sftbridge.config import TrainSection
     from sftbridge.inference.predictor import Predictor
-    from sftbridge.training.modeling import resolve_device
+    from sftbridge.models.loading import resolve_device
 
     manifest = read_merged_manifest(path)
     if manifest is None:

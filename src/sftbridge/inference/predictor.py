@@ -70,7 +70,7 @@ class Predictor:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        from sftbridge.training.modeling import load_run_base
+        from sftbridge.models.loading import load_run_base
 
         run_dir = Path(run_dir)
         manifest = load_manifest(run_dir)

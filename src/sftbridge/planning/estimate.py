@@ -100,7 +100,7 @@ def data_lengths(config: RunConfig) -> tuple[Lengths, list[str]]:
     """Tokenize the training split with the model's tokenizer (no weights); estimate without one."""
     from sftbridge.data.formatting import resolve_chat_format
     from sftbridge.data.loading import encode_split, load_data
-    from sftbridge.training.modeling import load_tokenizer
+    from sftbridge.models.loading import load_tokenizer
 
     notes: list[str] = []
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
@@ -629,7 +629,7 @@ def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machi
 
 
 def _precision(config: RunConfig, target: Machine) -> tuple[str, list[str]]:
-    """What ``training.modeling.resolve_precision`` will pick on the target, and a warning where the config
+    """What ``models.loading.resolve_precision`` will pick on the target, and a warning where the config
     asks for bf16 on a card that has none."""
     asked = config.train.precision
     if target.kind == "cpu":

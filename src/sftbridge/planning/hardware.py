@@ -21,7 +21,7 @@ class Gpu:
     # fp16 where it has no bf16 (V100, T4)
     peak_tflops: float
     mfu: float  # ASSUMED model-FLOPs utilisation of 16-bit LoRA (4N accounting); replace with measured values
-    bf16: bool = True  # Ampere and newer; before it, training runs in fp16 (modeling.resolve_precision)
+    bf16: bool = True  # Ampere and newer; before it, training runs in fp16 (models.loading.resolve_precision)
 
     @property
     def memory_bytes(self) -> int:

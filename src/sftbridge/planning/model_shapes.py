@@ -90,7 +90,7 @@ KNOWN_SHAPES: dict[str, Shapes] = {
 def model_shapes(name_or_path: str) -> Shapes:
     """Shapes from the model's config.json: a local folder, builtin:*, the HF cache, else the known table."""
     from sftbridge.config import ModelSection
-    from sftbridge.training.modeling import model_path
+    from sftbridge.models.loading import model_path
 
     path = model_path(ModelSection(name_or_path=name_or_path))
     local = Path(path).is_dir()

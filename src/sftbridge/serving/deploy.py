@@ -541,7 +541,7 @@ def _endpoint_tags(session: Any, region: str, endpoint: str) -> dict[str, str]:
 
 def _fetch_record(session: Any, region: str, endpoint: str, tags: dict[str, str]) -> Path:
     """Download the endpoint's record (manifest + tokenizer) into the cache; its S3 prefix is a tag."""
-    from sftbridge.training.tiny_model import cache_root
+    from sftbridge.models.builtin import cache_root
 
     if RECORD_TAG not in tags:
         raise DeployError(

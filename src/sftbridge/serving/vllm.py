@@ -61,7 +61,7 @@ def chat_template(predictor: Any) -> str:
 def _base_of(manifest: dict[str, Any]) -> str:
     """The run's base model as vLLM loads it: a Hub id or a local folder (the built-in tiny model's cache)."""
     from sftbridge.config import BUILTIN_TINY_MODEL
-    from sftbridge.training.tiny_model import resolve_builtin
+    from sftbridge.models.builtin import resolve_builtin
 
     name = str(manifest["config"]["model"]["name_or_path"])
     return str(resolve_builtin(name)) if name == BUILTIN_TINY_MODEL else name
@@ -81,8 +81,8 @@ def serve_command(
     The chat template goes to a file in sftbridge's cache, named by its hash.
     """
     from sftbridge.inference.merge import read_merged_manifest
+    from sftbridge.models.builtin import cache_root
     from sftbridge.runs import ADAPTER, load_manifest
-    from sftbridge.training.tiny_model import cache_root
 
     source = Path(source).resolve()
     template = chat_template(predictor)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftbridge.config import RunConfig, deep_merge, dump_config, load_config, parse_value, set_dotted
+from sftbridge.config import (
+    RunConfig,
+    deep_merge,
+    dump_config,
+    load_config,
+    parse_flag_overrides,
+    parse_value,
+    set_dotted,
+)
 from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
 from sftbridge.runs import (
     ADAPTER,
@@ -44,7 +52,7 @@ if TYPE_CHECKING:
 
     from sftbridge.data.formatting import PromptFormat
     from sftbridge.data.loading import LoadedData
-    from sftbridge.training.modeling import Device, Precision
+    from sftbridge.models.loading import Device, Precision
 
 log = logging.getLogger("sftbridge.training.train")
 
@@ -60,21 +68,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     parser.add_argument("--run-dir", help="where the run directory goes (default: runs/<run_name>-<time>)")
     parser.add_argument("--runs-root", default="runs", help="parent of the default run directory")
     args, rest = parser.parse_known_args(argv)
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(rest):
-        item = rest[index]
-        if (not item.startswith("--") and "=" not in item) or item == "--":
-            raise ConfigError(f"argument {item!r}: expected --section.key value or section.key=value")
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep:
-            if index + 1 >= len(rest):
-                raise ConfigError(f"argument {item}: missing its value")
-            index += 1
-            value = rest[index]
-        set_dotted(overrides, key, parse_value(value))
-        index += 1
-    return args, overrides
+    return args, parse_flag_overrides(rest)
 
 
 def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig, Path]:
@@ -217,10 +211,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
 
     from sftbridge.aws.secrets import export_hf_token, export_secret_environment
     from sftbridge.data.loading import load_data
-    from sftbridge.report import write_run_documents
-    from sftbridge.training import tracking
-    from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks, sample_questions
-    from sftbridge.training.modeling import (
+    from sftbridge.models.loading import (
         check_attention,
         load_model,
         load_tokenizer,
@@ -228,6 +219,9 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         resolve_device,
         resolve_precision,
     )
+    from sftbridge.report import write_run_documents
+    from sftbridge.training import tracking
+    from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks, sample_questions
     from sftbridge.training.progress import Progress
     from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
 
@@ -363,7 +357,7 @@ def describe_run(
     """What the run is, known before it trains: the first half of its manifest, and what the trackers log."""
     import torch
 
-    from sftbridge.training.modeling import model_path
+    from sftbridge.models.loading import model_path
 
     builtin = config.model.name_or_path.startswith("builtin:")
     return {

@@ -13,7 +13,7 @@ from pathlib import Path
 import sftbridge
 from sftbridge.backends.sagemaker.spec import ENTRY_SCRIPT, Channel
 from sftbridge.errors import ConfigError
-from sftbridge.training.tiny_model import sample_data_dir
+from sftbridge.models.builtin import sample_data_dir
 
 PACKAGE_DIR = Path(sftbridge.__file__).resolve().parent
 # The image brings a CUDA build of torch; a torch requirement here would replace it with a PyPI build.

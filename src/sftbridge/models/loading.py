@@ -23,7 +23,7 @@ Precision = Literal["bf16", "fp16", "fp32"]
 def model_path(cfg: ModelSection) -> str:
     """Where ``from_pretrained`` loads from: a built-in model is built (once) and its folder returned."""
     if cfg.name_or_path.startswith("builtin:"):
-        from sftbridge.training.tiny_model import resolve_builtin
+        from sftbridge.models.builtin import resolve_builtin
 
         return str(resolve_builtin(cfg.name_or_path))
     return cfg.name_or_path
