@@ -132,7 +132,7 @@ from sftbridge.errors import UserError
 from sftbridge.runs import load_manifest
 e2e, out, seconds, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 try:
-    manifest = load_manifest(e2e / "run")
+    manifest = load_manifest(e2e / "run").model_dump(mode="json")
 except UserError as exc:
     manifest = {"error": str(exc)}
 metrics_file = e2e / "run" / "metrics.jsonl"

@@ -215,7 +215,7 @@ def ours(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
         run = train(config, Path(out) / "run")
         manifest = load_manifest(run)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return manifest["timings"]["train_seconds"], manifest["metrics"]["global_step"], history
+    return manifest.timings.train_seconds or 0.0, manifest.metrics.global_step or 0, history
 
 
 def plain_trl(config: Any) -> tuple[float, int, list[dict[str, Any]]]:

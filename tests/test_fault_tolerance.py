@@ -68,7 +68,7 @@ def test_resume_equals_uninterrupted(
     assert not resumed_dir.exists()  # nothing half-finished is presented as a run
 
     resumed = train(tiny_config(**STEPS), resumed_dir)
-    assert load_manifest(resumed)["resumed_from"].endswith("checkpoint-4")
+    assert load_manifest(resumed).model_dump(mode="json")["resumed_from"].endswith("checkpoint-4")
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
     assert len(losses(resumed)) == 8
     first, second = adapter(straight), adapter(resumed)
@@ -103,7 +103,7 @@ def test_failed_save_leaves_the_previous_checkpoint(
 
     monkeypatch.undo()
     finished = train(tiny_config(**STEPS), run_dir)
-    assert load_manifest(finished)["resumed_from"].endswith("checkpoint-2")
+    assert load_manifest(finished).model_dump(mode="json")["resumed_from"].endswith("checkpoint-2")
 
 
 def test_private_override_still_fits_transformers() -> None:
@@ -264,7 +264,7 @@ def test_sigterm_mid_run_then_resume(tmp_path: Path, qa_rows: list[dict[str, str
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    manifest = load_manifest(run_dir)
+    manifest = load_manifest(run_dir).model_dump(mode="json")
     assert manifest["resumed_from"].endswith(checkpoint.name)
     assert manifest["metrics"]["global_step"] == 60
 
@@ -281,7 +281,7 @@ def test_reproduce_from_the_manifest(
     assert "(identical)" in out
     assert losses(tmp_path / "again") == losses(original)
 
-    train_file = Path(next(iter(load_manifest(original)["data"]["sha256"])))
+    train_file = Path(next(iter(load_manifest(original).model_dump(mode="json")["data"]["sha256"])))
     train_file.write_text(train_file.read_text().replace("?", "??", 1))
     assert main(["reproduce", str(original), "--run-dir", str(tmp_path / "third")]) == 2
     assert "its sha256 differs from the run's" in capsys.readouterr().err
@@ -312,6 +312,6 @@ def test_cli_resume_and_no_secret_in_checkpoints(
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path
 
     assert main(["train", str(config_file), "--resume", str(run_dir)]) == 0
-    assert load_manifest(run_dir)["resumed_from"].endswith("checkpoint-2")
+    assert load_manifest(run_dir).model_dump(mode="json")["resumed_from"].endswith("checkpoint-2")
     assert main(["train", str(config_file), "--resume", str(run_dir)]) == 2
     assert "already finished" in capsys.readouterr().err

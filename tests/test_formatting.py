@@ -110,7 +110,7 @@ def test_manifest_round_trip() -> None:
     from sftbridge.config import Template
 
     fmt = PromptFormat("template", "plain", Template(prompt="{x}", completion="{y}"), "sys")
-    assert PromptFormat.from_dict(fmt.to_dict()) == fmt
+    assert PromptFormat.from_record(fmt.to_record()) == fmt
 
 
 def test_chat_history_gets_the_system_prompt_once(tokenizer: Any) -> None:

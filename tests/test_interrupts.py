@@ -143,7 +143,7 @@ def test_a_signal_checkpoints_and_the_printed_command_resumes(
 
     resumed = subprocess.run(resume_command(line), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    manifest = load_manifest(tmp_path / run_dir)
+    manifest = load_manifest(tmp_path / run_dir).model_dump(mode="json")
     assert manifest["resumed_from"].endswith(checkpoint.name)
     assert manifest["metrics"]["global_step"] == 12
 
@@ -169,7 +169,7 @@ def test_ctrl_c_in_a_terminal_then_the_same_command_resumes(tmp_path: Path) -> N
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming the interrupted run" in again.stdout
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if not p.name.endswith(".checkpoints")]
-    assert load_manifest(run_dir)["resumed_from"] is not None
+    assert load_manifest(run_dir).model_dump(mode="json")["resumed_from"] is not None
 
 
 @pytest.mark.slow
@@ -203,7 +203,7 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(tmp_path: Path
     resumed = subprocess.run(resume_command(line), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if not p.name.endswith(".checkpoints")]
-    manifest = load_manifest(run_dir)
+    manifest = load_manifest(run_dir).model_dump(mode="json")
     assert manifest["device"]["world_size"] == 2 and manifest["metrics"]["global_step"] == 12
     assert manifest["resumed_from"] is not None
 

@@ -33,7 +33,8 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from sftbridge.inference.merge import load_merged, merge_run
+    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.inference.merge import merge_run
     from sftbridge.inference.predictor import Predictor
     from sftbridge.runs import load_manifest
 
@@ -48,7 +49,7 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     assert not list(tmp_path.glob(".*partial"))
 
     record = json.loads((out / "sftbridge.json").read_text())
-    run_manifest = load_manifest(trained_run)
+    run_manifest = load_manifest(trained_run).model_dump(mode="json")
     assert record["kind"] == "merged" and record["dtype"] == "float32"
     assert record["prompt_format"] == run_manifest["prompt_format"]
     assert record["generation"] == run_manifest["generation"]
@@ -62,7 +63,7 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
         assert (logits(predictor.model, predictor.tokenizer, prompts) - expected).abs().max() > 0.1
 
     # Loaded back with its manifest, the merged folder formats and answers exactly as the run.
-    served = load_merged(out, device="cpu")
+    served = ModelFolder.open(out).predictor(device="cpu")
     assert [served.prompt(q) for q in QUESTIONS] == prompts
     assert [g.text for g in served.generate(prompts)] == [g.text for g in predictor.generate(prompts)]
 

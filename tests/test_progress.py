@@ -162,7 +162,7 @@ def test_bar_on_a_terminal_starts_at_the_resumed_step(tiny_config: Any, tmp_path
         tiny_config(train__max_steps=4, train__save_steps=2, train__checkpoint_dir=str(checkpoints)),
         tmp_path / "first",
     )
-    assert load_manifest(first)["metrics"]["global_step"] == 4
+    assert load_manifest(first).model_dump(mode="json")["metrics"]["global_step"] == 4
     config = tiny_config(train__max_steps=6, train__save_steps=2, train__checkpoint_dir=str(checkpoints))
     run_dir = tmp_path / "resumed"
     # A fresh pty is 0 columns wide until told otherwise; a user's terminal has a width.
@@ -187,5 +187,5 @@ def test_bar_on_a_terminal_starts_at_the_resumed_step(tiny_config: Any, tmp_path
     train_steps = [r["step"] for r in records if "loss" in r]
     assert train_steps == sorted(set(train_steps))  # no step twice
     assert {r["step"] for r in records} == {1, 2, 3, 4, 5, 6}
-    assert load_manifest(run_dir)["resumed_from"].endswith("checkpoint-4")
+    assert load_manifest(run_dir).model_dump(mode="json")["resumed_from"].endswith("checkpoint-4")
     assert json.loads((run_dir / METRICS).read_text().splitlines()[-1])["step"] == 6

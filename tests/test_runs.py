@@ -34,6 +34,8 @@ def make_run(
             "manifest_version": 1,
             "run_name": config["run_name"],
             "base_model": {"name_or_path": config["model"]["name_or_path"]},
+            "prompt_format": {"format": "qa", "chat_format": "chat_template"},
+            "generation": {},
             "config": config,
             "data": {"sha256": {"data/sciq-sample/train.jsonl": sha}},
             "backend": {"name": "local", "job_id": "local-run"},

@@ -128,7 +128,7 @@ def test_toolkit_runs_the_unchanged_entry_script(one_epoch: tuple[Path, Any]) ->
         "sftbridge.json",
     }
     assert (model_dir / "adapter" / "adapter_model.safetensors").is_file()
-    manifest = load_manifest(model_dir)
+    manifest = load_manifest(model_dir).model_dump(mode="json")
     # The shipped copy of the package ran (it is no git checkout), not the one this test imports.
     assert manifest["git"]["commit"] is None
     config = manifest["config"]
@@ -166,7 +166,7 @@ def test_toolkit_job_resumes_from_a_checkpoint(one_epoch: tuple[Path, Any], tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"resuming from {base / 'checkpoints' / checkpoints[-1].name}" in result.stdout + result.stderr
     assert step_logs(result.stdout) == 3  # only the second epoch's 3 steps ran
-    manifest = load_manifest(base / "model")
+    manifest = load_manifest(base / "model").model_dump(mode="json")
     assert manifest["metrics"]["global_step"] == 6
 
 

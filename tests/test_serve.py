@@ -105,7 +105,7 @@ def test_binds_loopback_by_default_and_answers_ping_and_info(server: Any, predic
     assert status == 200
     assert info["model_pipeline_tag"] == "text-generation"
     assert info["max_total_tokens"] == predictor.model.config.max_position_embeddings
-    assert info["sftbridge"]["prompt_format"] == predictor.prompt_format.to_dict()
+    assert info["sftbridge"]["prompt_format"] == predictor.prompt_format.to_record().model_dump()
 
 
 def test_text_generation_with_details_is_the_wrappers_answer(
@@ -160,10 +160,39 @@ def test_invocations_answers_the_seed_payload_as_sent_by_curl(server: Any, predi
     assert set(details) == {"finish_reason", "generated_tokens", "seed", "prefill", "tokens"}
     assert details["finish_reason"] in ("eos_token", "length")
     assert isinstance(details["seed"], int)  # temperature/top_p given: TGI samples, and reports the seed
-    prompt = json.loads(SEED_PAYLOAD)["inputs"]
+    # The formatted inputs were normalised as training rendered them: the trailing space after [/INST] went.
+    prompt = predictor.prompt("How do bipedal creatures walk?")
+    assert json.loads(SEED_PAYLOAD)["inputs"] == prompt + " "
     prompt_ids = predictor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert [t["id"] for t in details["prefill"]] == prompt_ids  # the formatted inputs were used as is
+    assert [t["id"] for t in details["prefill"]] == prompt_ids
     assert details["generated_tokens"] == len(details["tokens"]) >= 1
+
+
+def test_the_seeds_payload_answers_as_the_plain_question(server: Any, predictor: Any) -> None:
+    """JumpStart users send ``<s>[INST] q [/INST] `` with a trailing space; training's prompt ended at
+    ``[/INST]``. Sent as is, that space is a token the model never saw there (answers went wrong or empty);
+    normalised, every form answers exactly as the plain question does, and the run knows its answers."""
+    rows = [
+        json.loads(line) for line in (ROOT / "data/sciq-sample/train.jsonl").read_text().splitlines()[:12]
+    ]
+    right = 0
+    for row in rows:
+        question = row["question"]
+        short = {"max_new_tokens": 32}
+        plain = post(server, "/invocations", {"inputs": question, "parameters": short})[1][0][
+            "generated_text"
+        ]
+        for form in (
+            f"<s>[INST] {question} [/INST] ",  # the seed's
+            f"<s>[INST] {question} [/INST]\n",
+            f"[INST] {question}  [/INST]",  # no BOS, two spaces
+            predictor.prompt(question),
+        ):
+            status, body = post(server, "/invocations", {"inputs": form, "parameters": short})
+            assert status == 200, body
+            assert body[0]["generated_text"] == plain, form
+        right += plain.strip() == row["correct_answer"]
+    assert right >= 10  # the memorised answers, not a shared wrong one
 
 
 def test_question_messages_and_formatted_prompt_are_asked_alike(
@@ -461,12 +490,13 @@ def test_invoke_speaks_both_apis_to_the_local_server(
 
 
 def test_vllm_command_for_a_run_and_a_merged_folder(trained_run: Path, tmp_path: Path) -> None:
+    from sftbridge.inference.folder import ModelFolder
     from sftbridge.inference.merge import merge_run
-    from sftbridge.serving.deploy import prompter
     from sftbridge.serving.vllm import serve_command
 
-    predictor = prompter(trained_run)
-    command = serve_command(trained_run, predictor, host="127.0.0.1", port=8000, name="tiny")
+    folder = ModelFolder.open(trained_run)
+    prompter = folder.prompter
+    command = serve_command(folder, host="127.0.0.1", port=8000, name="tiny")
     base = Path(os.environ["SFTBRIDGE_CACHE"]) / "builtin" / "tiny-llama-v1"  # the built-in base's folder
 
     def value(flag: str) -> str:
@@ -479,12 +509,12 @@ def test_vllm_command_for_a_run_and_a_merged_folder(trained_run: Path, tmp_path:
     assert (value("--host"), value("--port")) == ("127.0.0.1", "8000")
     template = Path(value("--chat-template")).read_text()
     messages = [{"role": "user", "content": QUESTION}]
-    rendered = predictor.tokenizer.apply_chat_template(
+    rendered = prompter.tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=True
     )
-    assert rendered == predictor.prompt(messages)  # vLLM formats as training did
+    assert rendered == prompter.chat(messages)  # vLLM formats as training did
     merged = merge_run(trained_run, tmp_path / "merged", dtype="float32", device="cpu")
-    command = serve_command(merged, prompter(merged), host="127.0.0.1", port=8000)
+    command = serve_command(ModelFolder.open(merged), host="127.0.0.1", port=8000)
     assert command[:5] == ["vllm", "serve", str(merged.resolve()), "--served-model-name", "merged"]
     assert "--enable-lora" not in command
     result = run_cli("serve", str(trained_run), "--engine", "vllm", "--dry-run", "--port", "8001")

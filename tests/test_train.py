@@ -84,7 +84,7 @@ def test_memorises_training_answers_and_base_does_not(trained_run: Path) -> None
 
 
 def test_manifest_records_the_run(trained_run: Path) -> None:
-    manifest = load_manifest(trained_run)
+    manifest = load_manifest(trained_run).model_dump(mode="json")
     assert manifest["base_model"]["name_or_path"] == "builtin:tiny-llama"
     assert manifest["prompt_format"] == {
         "format": "qa",
@@ -157,7 +157,7 @@ def test_qlora_4bit_trains_on_cpu(tiny_config: Any, tmp_path: Path) -> None:
     from sftbridge.training.train import train
 
     run = train(tiny_config(model__load_in_4bit=True, train__epochs=3), tmp_path / "qlora")
-    manifest = load_manifest(run)
+    manifest = load_manifest(run).model_dump(mode="json")
     assert manifest["base_model"]["load_in_4bit"] is True
     values = losses(run)
     assert values[-1] < values[0]
@@ -192,6 +192,6 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # DDP is told that every trainable (LoRA) weight is used: no extra graph traversal, no warning per rank
     assert "find_unused_parameters=True" not in result.stdout + result.stderr
-    manifest = load_manifest(run_dir)
+    manifest = load_manifest(run_dir).model_dump(mode="json")
     assert manifest["device"]["world_size"] == 2
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES

@@ -6,7 +6,8 @@ Layout::
       adapter/          PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer, and
                         README.md: the model card (base model, data, config, metrics, how to load it)
       config.yaml       the resolved config (re-run with `sftbridge train config.yaml`)
-      sftbridge.json    manifest: base model, prompt format, data hashes, versions, git, timings, metrics
+      sftbridge.json    the manifest (RunManifest): base model, prompt format, data hashes, versions,
+                        git, timings, metrics
       metrics.jsonl     training and evaluation logs, one JSON object per line
       report.html       the run's report (train writes it, every eval rewrites it)
       tensorboard/      TensorBoard event files, when train.report_to has tensorboard
@@ -14,6 +15,10 @@ Layout::
       COMPLETE          written last; a folder without it is never loaded as a finished run
 
 It is assembled under a temporary name beside the target and moved into place when complete.
+
+``sftbridge.json`` is written and read only through the typed models here: :class:`RunManifest` for a run,
+:class:`MergedManifest` for a ``sftbridge merge`` folder, told apart by ``kind``. :func:`read_manifest` also
+reads what earlier versions wrote (version 1 had no ``kind`` on a run).
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from sftbridge.config import GenerationSection, RunConfig, Template
 from sftbridge.errors import RunDirError, UserError
 
 MANIFEST = "sftbridge.json"
@@ -39,7 +47,7 @@ COMPLETE = "COMPLETE"
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: `kind` on every manifest
 CHECKPOINT_COMPLETE = "SFTBRIDGE_COMPLETE"  # inside checkpoint-N/, written last
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -102,6 +110,171 @@ def staged(target: Path, *, label: str | None = None, choose: str = "--run-dir")
     publish(staging, target)
 
 
+# ---- the manifest ----------------------------------------------------------------------------------------
+class _Record(BaseModel):
+    # A manifest written by a newer sftbridge may hold keys this one does not know: keep them, round trip.
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseModelRecord(_Record):
+    name_or_path: str
+    resolved_path: str | None = None  # the built-in model's cache folder
+    revision: str | None = None  # the Hub commit the weights came from
+    load_in_4bit: bool = False
+
+
+class PromptRecord(_Record):
+    """How records and questions become model input (``data.formatting.PromptFormat``)."""
+
+    format: Literal["qa", "template", "messages", "text"]
+    chat_format: Literal["chat_template", "plain"]
+    template: Template | None = None
+    system_prompt: str | None = None
+
+
+class DataRecord(_Record):
+    sha256: dict[str, str] = Field(default_factory=dict)  # data file as given -> its digest
+    template_source: str | None = None
+    train: dict[str, Any] = Field(default_factory=dict)  # length report (data.loading.LengthReport)
+    validation: dict[str, Any] = Field(default_factory=dict)
+
+
+class GitRecord(_Record):
+    commit: str | None = None
+    dirty: bool | None = None
+
+
+class BackendRecord(_Record):
+    name: str = "direct"
+    job_id: str | None = None
+
+
+class DeviceRecord(_Record):
+    type: str | None = None
+    precision: str | None = None
+    world_size: int = 1
+    gpu: str | None = None
+
+
+class Timings(_Record):
+    load_seconds: float | None = None
+    train_seconds: float | None = None
+    total_seconds: float | None = None
+
+
+class FinalMetrics(_Record):
+    train_loss: float | None = None
+    global_step: int | None = None
+    eval_loss: float | None = None
+
+
+class RunManifest(_Record):
+    """A training run's ``sftbridge.json``: what it was trained from, how and where, and how it ended."""
+
+    kind: Literal["run"] = "run"
+    manifest_version: int = MANIFEST_VERSION
+    run_name: str
+    base_model: BaseModelRecord
+    prompt_format: PromptRecord
+    generation: GenerationSection
+    config: dict[str, Any]  # the resolved config, as config.yaml holds it (see :attr:`run_config`)
+    data: DataRecord = Field(default_factory=DataRecord)
+    seed: int | None = None
+    versions: dict[str, str | None] = Field(default_factory=dict)
+    git: GitRecord = Field(default_factory=GitRecord)
+    backend: BackendRecord = Field(default_factory=BackendRecord)
+    device: DeviceRecord = Field(default_factory=DeviceRecord)
+    timings: Timings = Field(default_factory=Timings)
+    resumed_from: str | None = None
+    metrics: FinalMetrics = Field(default_factory=FinalMetrics)
+    best_model: dict[str, Any] | None = None  # training.answer_metrics.best_model_record
+    answer_metrics: dict[str, Any] | None = None  # training.answer_metrics.answer_record
+    sagemaker: dict[str, Any] | None = None  # the job, added by `fetch` (backends.sagemaker.job)
+
+    @property
+    def run_config(self) -> RunConfig:
+        return RunConfig.model_validate(self.config)
+
+
+class AdapterRecord(_Record):
+    r: int
+    alpha: int | float
+    target_modules: list[str] | str
+
+
+class MergedManifest(_Record):
+    """A ``sftbridge merge`` folder's ``sftbridge.json``: the run it came from, its prompt format and
+    generation defaults, so it is prompted as the adapter was trained."""
+
+    kind: Literal["merged"] = "merged"
+    manifest_version: int = MANIFEST_VERSION
+    run_name: str | None = None
+    source_run: str
+    base_model: BaseModelRecord
+    qlora: bool = False
+    adapter: AdapterRecord
+    dtype: str
+    prompt_format: PromptRecord
+    generation: GenerationSection
+    merged_at: str
+    versions: dict[str, str | None] = Field(default_factory=dict)
+
+
+Manifest = Annotated[RunManifest | MergedManifest, Field(discriminator="kind")]
+_MANIFEST = TypeAdapter(Manifest)
+
+
+def upgrade_manifest(raw: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as an earlier version wrote it, in the current version's shape."""
+    raw = dict(raw)
+    if int(raw.get("manifest_version", 1)) < 2:
+        raw.setdefault("kind", "run")  # version 1 marked only merged folders
+        raw["manifest_version"] = MANIFEST_VERSION
+    return raw
+
+
+def parse_manifest(raw: Any, where: str | Path) -> RunManifest | MergedManifest:
+    """A manifest's JSON as a typed model; RunDirError naming the file and field otherwise."""
+    if not isinstance(raw, dict):
+        raise RunDirError(f"{where}: not a manifest (a JSON object); train or merge again")
+    version = raw.get("manifest_version", 1)
+    if isinstance(version, int) and version > MANIFEST_VERSION:
+        raise RunDirError(
+            f"{where}: manifest_version {version} was written by a newer sftbridge (this one reads up to "
+            f"{MANIFEST_VERSION}); upgrade sftbridge"
+        )
+    try:
+        return _MANIFEST.validate_python(upgrade_manifest(raw))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"][1:]) or "(top level)"
+        raise RunDirError(
+            f"{where}: {field}: {first['msg']} ({exc.error_count()} problem(s)); "
+            "the manifest was edited or damaged, train or merge again"
+        ) from None
+
+
+def read_manifest(path: str | Path) -> RunManifest | MergedManifest:
+    """The manifest of a folder (a run or a merged folder), typed; RunDirError if it has none or it is
+    unreadable. Says nothing of whether the run finished (see :func:`load_manifest`)."""
+    file = Path(path) / MANIFEST
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: not a run directory (no {MANIFEST})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{file}: unreadable ({exc}); train or merge again") from None
+    return parse_manifest(raw, file)
+
+
+def write_manifest(folder: Path, manifest: RunManifest | MergedManifest) -> None:
+    """``sftbridge.json`` in ``folder``, secrets scrubbed, written whole (temporary file, then rename)."""
+    text = redact(manifest.model_dump_json(indent=2, exclude_none=False)) + "\n"
+    partial = folder / f".{MANIFEST}.tmp"
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(folder / MANIFEST)
+
+
 class RunWriter:
     """Builds a run directory under ``.<name>.partial`` and moves it into place on ``finalize``."""
 
@@ -116,8 +289,8 @@ class RunWriter:
     def write_text(self, name: str, text: str) -> None:
         (self.staging / name).write_text(redact(text), encoding="utf-8")
 
-    def finalize(self, manifest: dict[str, Any]) -> Path:
-        self.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    def finalize(self, manifest: RunManifest) -> Path:
+        write_manifest(self.staging, manifest)
         publish(self.staging, self.target)
         (self.target / COMPLETE).write_text(datetime.now(timezone.utc).isoformat() + "\n", encoding="utf-8")
         return self.target
@@ -130,16 +303,18 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).is_file() and (Path(path) / MANIFEST).is_file()
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
+def load_manifest(path: str | Path) -> RunManifest:
     """The manifest of a finished run; RunDirError if the folder is not one."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: no such run directory")
     if not (path / MANIFEST).is_file():
         raise RunDirError(f"{path}: not a run directory (no {MANIFEST})")
+    manifest = read_manifest(path)
+    if not isinstance(manifest, RunManifest):
+        raise RunDirError(f"{path}: a {manifest.kind} model folder, not a run")
     if not (path / COMPLETE).is_file():
         raise RunDirError(f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it")
-    manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     return manifest
 
 

@@ -36,13 +36,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sftbridge.inference.opening import open_predictor
+    from sftbridge.errors import UserError
+    from sftbridge.inference.folder import ModelFolder
 
-    predictor, merged = open_predictor(args.run, device=args.device)
-    if args.base and merged:
-        from sftbridge.errors import UserError
-
+    folder = ModelFolder.open(args.run)
+    if args.base and folder.is_merged:
         raise UserError(f"--base: {args.run} is a merged model; the base is no longer separate")
+    predictor = folder.predictor(device=args.device)
     overrides: dict[str, Any] = {}
     if args.max_new_tokens:
         overrides["max_new_tokens"] = args.max_new_tokens
@@ -66,19 +66,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sftbridge.errors import DataError
     from sftbridge.inference.evaluate import evaluate, format_table, load_cases, write_results
-    from sftbridge.inference.opening import check_model_folder, open_predictor
+    from sftbridge.inference.folder import ModelFolder
 
     # A run or a merged folder, checked before anything heavy loads; a merged one has no config: pass --data.
-    test_file = args.data or check_model_folder(args.run).get("config", {}).get("data", {}).get("test_file")
+    folder = ModelFolder.open(args.run)
+    test_file = args.data or (None if folder.is_merged else folder.run_config.data.test_file)
     if not test_file:
         raise DataError(f"{args.run}: the run's config has no data.test_file; pass --data FILE")
-    predictor, merged = open_predictor(args.run, device=args.device)
+    predictor = folder.predictor(device=args.device)
     cases = load_cases(Path(test_file), predictor)[: args.limit]
     progress = Progress(sys.stderr)
+    base = not (args.no_base or folder.is_merged)
     try:
-        result = evaluate(
-            predictor, cases, batch_size=args.batch_size, base=not (args.no_base or merged), progress=progress
-        )
+        result = evaluate(predictor, cases, batch_size=args.batch_size, base=base, progress=progress)
     finally:
         progress.close()
     result = {"data": str(test_file), "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result}

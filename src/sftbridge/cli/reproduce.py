@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sftbridge.errors import DataError
+from sftbridge.errors import DataError, RunDirError
+
+if TYPE_CHECKING:
+    from sftbridge.runs import RunManifest
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -22,11 +25,11 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_reproduce)
 
 
-def data_mismatches(manifest: dict[str, Any]) -> list[str]:
+def data_mismatches(manifest: RunManifest) -> list[str]:
     from sftbridge.data.loading import sha256_file
 
     problems = []
-    for path, digest in manifest["data"]["sha256"].items():
+    for path, digest in manifest.data.sha256.items():
         if not Path(path).is_file():
             problems.append(f"{path}: not found (run from the folder the original run was started in)")
         elif sha256_file(Path(path)) != digest:
@@ -34,13 +37,13 @@ def data_mismatches(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def version_differences(manifest: dict[str, Any]) -> list[str]:
+def version_differences(manifest: RunManifest) -> list[str]:
     from sftbridge.runs import library_versions
 
     now = library_versions()
     return [
         f"{name}: {was} in the run, {now.get(name)} here"
-        for name, was in manifest["versions"].items()
+        for name, was in manifest.versions.items()
         if name != "sftbridge" and was != now.get(name)
     ]
 
@@ -65,7 +68,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return code
     run_dir = job.fetch()  # once: a remote job's fetch downloads into a folder that must be empty
     new = load_manifest(run_dir)
-    before, after = manifest["metrics"]["train_loss"], new["metrics"]["train_loss"]
+    before, after = manifest.metrics.train_loss, new.metrics.train_loss
+    if before is None or after is None:
+        raise RunDirError(f"{args.run} or {run_dir}: the manifest records no train_loss")
     verdict = "identical" if before == after else f"differs by {abs(after - before):.3g}"
     print(f"train_loss: original {before:.6f}, reproduced {after:.6f} ({verdict})")
     print(f"run directory: {run_dir}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.errors import RunDirError
-from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS
+from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MergedManifest, RunManifest, read_manifest
 
 EVAL_METRICS = ("exact_match", "contains", "mean_answer_tokens", "eos_rate")
 COLUMNS = (
@@ -71,31 +71,40 @@ class RunSummary:
     data_sha256: dict[str, str] = field(default_factory=dict, repr=False)
 
 
+def _manifest(path: Path) -> RunManifest | MergedManifest | None:
+    """The folder's manifest; None when it has none yet (a running run) or it cannot be read."""
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        return read_manifest(path)
+    except RunDirError:
+        return None
+
+
 def summarize(path: Path) -> RunSummary:
     """A run folder (finished or not) as a RunSummary; RunDirError if it is not a run folder at all."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: no such run directory")
-    manifest = _json(path / MANIFEST)
+    manifest = _manifest(path)
     if manifest is None and not (path / METRICS).is_file() and not (path / CONFIG).is_file():
         raise RunDirError(f"{path}: not a run directory (no {MANIFEST}, {METRICS} or {CONFIG})")
-    if isinstance(manifest, dict) and manifest.get("kind", "run") != "run":
-        raise RunDirError(f"{path}: a {manifest['kind']} model folder, not a run")  # `sftbridge merge` output
+    if isinstance(manifest, MergedManifest):  # `sftbridge merge` output
+        raise RunDirError(f"{path}: a {manifest.kind} model folder, not a run")
     name = path.name.removeprefix(".").removesuffix(".partial")
     finished = manifest is not None and (path / COMPLETE).is_file() and not path.name.endswith(".partial")
     summary = RunSummary(str(path), name, finished)
-    config = (manifest or {}).get("config") or _yaml(path / CONFIG) or {}
+    config = (manifest.config if manifest is not None else None) or _yaml(path / CONFIG) or {}
     summary.config = config
     summary.base_model = config.get("model", {}).get("name_or_path")
     summary.data = config.get("data", {}).get("train_file")
     summary.epochs = config.get("train", {}).get("epochs")
     if manifest is not None:
-        metrics = manifest.get("metrics") or {}
-        summary.train_loss = metrics.get("train_loss")
-        summary.eval_loss = metrics.get("eval_loss")
-        summary.global_step = metrics.get("global_step")
-        summary.backend = (manifest.get("backend") or {}).get("name")
-        summary.data_sha256 = (manifest.get("data") or {}).get("sha256") or {}
+        summary.train_loss = manifest.metrics.train_loss
+        summary.eval_loss = manifest.metrics.eval_loss
+        summary.global_step = manifest.metrics.global_step
+        summary.backend = manifest.backend.name
+        summary.data_sha256 = manifest.data.sha256
     logs = _metrics(path / METRICS)
     losses = [row["loss"] for row in logs if isinstance(row.get("loss"), int | float)]
     summary.final_loss = losses[-1] if losses else None

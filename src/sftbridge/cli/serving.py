@@ -171,7 +171,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
-    from sftbridge.serving.server import LocalServer, ServeSettings, load_predictor
+    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.serving.server import LocalServer, ServeSettings
+
+    folder = ModelFolder.open(args.run)  # checked before FastAPI or torch: one line on a bad folder
 
     settings = ServeSettings(
         host=args.host,
@@ -182,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
     )
-    predictor = load_predictor(args.run, device=args.device)
+    predictor = folder.predictor(device=args.device)
     try:
         # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
         server = LocalServer(
@@ -214,10 +217,10 @@ def _serve_vllm(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from sftbridge.serving.deploy import prompter
+    from sftbridge.inference.folder import ModelFolder
     from sftbridge.serving.vllm import serve_command
 
-    command = serve_command(args.run, prompter(args.run), host=args.host, port=args.port)
+    command = serve_command(ModelFolder.open(args.run), host=args.host, port=args.port)
     if args.dry_run:
         print(" ".join(command))
         return 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sftbridge.config import QA_TEMPLATE, Template, template_fields
+from sftbridge.runs import PromptRecord
 
 IGNORE_INDEX = -100  # label of a token that is not trained on (PyTorch's cross-entropy ignore_index)
 
@@ -90,7 +91,7 @@ class PromptFormat:
             messages = messages[:-1]
         if self.chat_format == "chat_template":
             return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        return _bos(tokenizer) + self._plain_prefix(messages)
+        return bos_text(tokenizer) + self._plain_prefix(messages)
 
     def _plain_prefix(self, messages: list[Message]) -> str:
         parts = []
@@ -109,8 +110,8 @@ class PromptFormat:
     def render(self, tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
         """Full text of an example and the char spans that are trained on."""
         if example.text is not None:
-            body = _bos(tokenizer) + example.text
-            return body + _eos(tokenizer), [(len(_bos(tokenizer)), len(body) + len(_eos(tokenizer)))]
+            body = bos_text(tokenizer) + example.text
+            return body + _eos(tokenizer), [(len(bos_text(tokenizer)), len(body) + len(_eos(tokenizer)))]
         assert example.messages is not None
         messages = self.with_system(example.messages)
         if self.chat_format == "plain":
@@ -132,22 +133,21 @@ class PromptFormat:
         return Encoded(text=text, input_ids=input_ids, labels=labels, trained_spans=spans)
 
     # ---- manifest ---------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "chat_format": self.chat_format,
-            "template": self.template.model_dump() if self.template else None,
-            "system_prompt": self.system_prompt,
-        }
+    def to_record(self) -> PromptRecord:
+        return PromptRecord(
+            format=self.format,
+            chat_format=self.chat_format,
+            template=self.template,
+            system_prompt=self.system_prompt,
+        )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> PromptFormat:
-        template = Template(**raw["template"]) if raw.get("template") else None
+    def from_record(cls, record: PromptRecord) -> PromptFormat:
         return cls(
-            format=raw["format"],
-            chat_format=raw["chat_format"],
-            template=template,
-            system_prompt=raw.get("system_prompt"),
+            format=record.format,
+            chat_format=record.chat_format,
+            template=record.template,
+            system_prompt=record.system_prompt,
         )
 
 
@@ -196,7 +196,7 @@ def tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tu
     return list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
 
 
-def _bos(tokenizer: Any) -> str:
+def bos_text(tokenizer: Any) -> str:
     """BOS as text, only for tokenizers that add one (Llama does; GPT-2 style ones don't)."""
     bos = tokenizer.bos_token
     if not bos or tokenizer.bos_token_id is None:

@@ -14,27 +14,24 @@ writes one shard at a time, so the peak is about the model's size. A QLoRA adapt
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from sftbridge.errors import RunDirError, UserError
+from sftbridge.errors import UserError
+from sftbridge.inference.folder import ModelFolder
 from sftbridge.runs import (
     ADAPTER,
-    MANIFEST,
-    MANIFEST_VERSION,
+    AdapterRecord,
+    MergedManifest,
     library_versions,
-    load_manifest,
-    redact,
     require_empty,
     staged,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
 
-MERGED_KIND = "merged"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -58,15 +55,14 @@ def merge_run(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from sftbridge.config import RunConfig
     from sftbridge.models.loading import load_run_base
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    manifest = load_manifest(run_dir)
+    manifest = ModelFolder.open(run_dir).run  # every check generate does, and a merged folder refused
     require_empty(out_dir, f"--out {out_dir}", "folder", UserError)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    config = RunConfig.model_validate(manifest["config"])
+    config = manifest.run_config
     # QLoRA or not, the adapter is merged into full-precision weights: a 4-bit weight cannot take the delta.
     base = load_run_base(config, device, unquantized=True, dtype=dtype)
     model = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()
@@ -76,61 +72,19 @@ def merge_run(
     with staged(out_dir, label=f"--out {out_dir}", choose="folder") as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         AutoTokenizer.from_pretrained(run_dir / ADAPTER).save_pretrained(staging)
-        record = {
-            "kind": MERGED_KIND,
-            "manifest_version": MANIFEST_VERSION,
-            "run_name": manifest.get("run_name"),
-            "source_run": str(run_dir.resolve()),
-            "base_model": manifest.get("base_model"),
-            "qlora": config.model.load_in_4bit,
-            "adapter": {
-                "r": config.lora.r,
-                "alpha": config.lora.alpha,
-                "target_modules": config.lora.target_modules,
-            },
-            "dtype": weights_dtype,
-            "prompt_format": manifest["prompt_format"],
-            "generation": manifest["generation"],
-            "merged_at": datetime.now(timezone.utc).isoformat(),
-            "versions": library_versions(),
-        }
-        (staging / MANIFEST).write_text(redact(json.dumps(record, indent=2)) + "\n", encoding="utf-8")
+        record = MergedManifest(
+            run_name=manifest.run_name,
+            source_run=str(run_dir.resolve()),
+            base_model=manifest.base_model,
+            qlora=config.model.load_in_4bit,
+            adapter=AdapterRecord(
+                r=config.lora.r, alpha=config.lora.alpha, target_modules=config.lora.target_modules
+            ),
+            dtype=weights_dtype,
+            prompt_format=manifest.prompt_format,
+            generation=manifest.generation,
+            merged_at=datetime.now(timezone.utc).isoformat(),
+            versions=library_versions(),
+        )
+        write_manifest(staging, record)
     return out_dir
-
-
-def read_merged_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The manifest of a folder written by :func:`merge_run`, or None if it is not one."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        return None
-    try:
-        manifest: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return manifest if manifest.get("kind") == MERGED_KIND else None
-
-
-def is_merged(path: str | Path) -> bool:
-    return read_merged_manifest(path) is not None
-
-
-def load_merged(path: str | Path, *, device: str = "auto") -> Any:
-    """A :class:`~sftbridge.inference.predictor.Predictor` over a merged folder (no adapter, so no
-    ``base_model()``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sftbridge.config import TrainSection
-    from sftbridge.inference.predictor import Predictor
-    from sftbridge.models.loading import resolve_device
-
-    manifest = read_merged_manifest(path)
-    if manifest is None:
-        raise RunDirError(f"{path}: not a merged model folder (no {MANIFEST} written by `sftbridge merge`)")
-    target = resolve_device(TrainSection.model_validate({"device": device}))
-    # 16-bit weights are upcast on the CPU, where half-precision matmuls are slow or missing.
-    dtype: Any = torch.float32 if target == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": target})
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return Predictor.from_manifest(model, tokenizer, manifest)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sftbridge.config import GenerationSection, RunConfig
+from sftbridge.config import GenerationSection
 from sftbridge.data.formatting import Message, PromptFormat
-from sftbridge.runs import ADAPTER, load_manifest
+from sftbridge.data.prompter import Prompter
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ class DetailedGeneration:
 
 
 class Predictor:
-    """A base model with a run's LoRA adapter, its tokenizer and its prompt format."""
+    """A model (a base with a run's LoRA adapter, or merged weights), its tokenizer and its prompt format.
+
+    Open a folder with :meth:`ModelFolder.open(path).predictor() <sftbridge.inference.folder.ModelFolder>`
+    (or :meth:`from_run`)."""
 
     def __init__(
         self, model: Any, tokenizer: Any, prompt_format: PromptFormat, generation: GenerationSection
@@ -64,42 +67,20 @@ class Predictor:
         self.tokenizer.padding_side = "left"  # decoder-only batches are padded on the left
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.prompter = Prompter(tokenizer, prompt_format)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> Predictor:
-        from peft import PeftModel
-        from transformers import AutoTokenizer
+    def from_run(cls, path: str | Path, *, device: str = "auto") -> Predictor:
+        """A run or merged folder, checked and loaded (:meth:`ModelFolder.predictor`)."""
+        from sftbridge.inference.folder import ModelFolder
 
-        from sftbridge.models.loading import load_run_base
-
-        run_dir = Path(run_dir)
-        manifest = load_manifest(run_dir)
-        base = load_run_base(RunConfig.model_validate(manifest["config"]), device)
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-        model = PeftModel.from_pretrained(base, run_dir / ADAPTER)
-        model.eval()
-        return cls.from_manifest(model, tokenizer, manifest)
-
-    @classmethod
-    def from_manifest(cls, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Predictor:
-        """Wrap a loaded model with the prompt format and generation defaults a manifest records."""
-        return cls(
-            model,
-            tokenizer,
-            PromptFormat.from_dict(manifest["prompt_format"]),
-            GenerationSection(**manifest["generation"]),
-        )
+        return ModelFolder.open(path).predictor(device=device)
 
     def prompt(self, question: str | Sequence[Message]) -> str:
         """A question (or a chat history ending with the user) → the exact text the model continues."""
-        fmt = self.prompt_format
-        # A chat history gets the run's system prompt too, as its training examples did.
-        messages = (
-            fmt.question_to_messages(question)
-            if isinstance(question, str)
-            else fmt.with_system(list(question))
-        )
-        return fmt.render_prompt(self.tokenizer, messages)
+        if isinstance(question, str):
+            return self.prompter.question(question)
+        return self.prompter.chat(question)
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[None]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sftbridge.runs import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ def write_report(
     run_dir: Path,
     out: Path | None = None,
     *,
-    manifest: dict[str, Any] | None = None,
+    manifest: RunManifest | None = None,
     extra_evals: Iterable[Path] = (),
 ) -> Path:
     """Render ``run_dir``'s report to ``out`` (default ``run_dir/report.html``) and return its path.
@@ -42,7 +45,7 @@ def write_report(
     return out
 
 
-def write_run_documents(folder: Path, manifest: dict[str, Any]) -> None:
+def write_run_documents(folder: Path, manifest: RunManifest) -> None:
     """The model card and the report of a run being written into ``folder``; failures are only logged."""
     from sftbridge.report.model_card import write_model_card
 

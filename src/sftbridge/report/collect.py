@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftbridge.runs import ADAPTER, METRICS, load_manifest
+from sftbridge.runs import ADAPTER, METRICS, RunManifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Lengths:
 @dataclass
 class ReportData:
     run_dir: Path
-    manifest: dict[str, Any]
+    manifest: RunManifest
     curves: dict[str, list[tuple[float, float]]]  # metric -> [(step, value)]
     evaluations: list[Evaluation]
     config_changes: list[tuple[str, Any, Any]]  # (key, value, default)
@@ -58,7 +58,7 @@ class ReportData:
 
 
 def collect(
-    run_dir: Path, *, manifest: dict[str, Any] | None = None, extra_evals: Iterable[Path] = ()
+    run_dir: Path, *, manifest: RunManifest | None = None, extra_evals: Iterable[Path] = ()
 ) -> ReportData:
     run_dir = Path(run_dir)
     manifest = manifest if manifest is not None else load_manifest(run_dir)
@@ -69,7 +69,7 @@ def collect(
         manifest=manifest,
         curves=read_curves(run_dir / METRICS),
         evaluations=[e for e in map(read_evaluation, summaries) if e is not None],
-        config_changes=config_changes(manifest["config"]),
+        config_changes=config_changes(manifest.config),
     )
     try:
         data.lengths = data_lengths(run_dir, manifest)
@@ -148,23 +148,22 @@ def config_changes(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return changes
 
 
-def data_lengths(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Lengths]:
+def data_lengths(run_dir: Path, manifest: RunManifest) -> dict[str, Lengths]:
     """Token lengths of the train and validation splits, re-rendered through the run's own tokenizer and
     prompt format (the data files must still be where the config says, with the sha256 recorded)."""
     from transformers import AutoTokenizer
 
-    from sftbridge.config import RunConfig
     from sftbridge.data.formatting import IGNORE_INDEX, PromptFormat
     from sftbridge.data.loading import load_data, to_example
 
-    config = RunConfig.model_validate(manifest["config"])
+    config = manifest.run_config
     loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
-    recorded = manifest.get("data", {}).get("sha256", {})
+    recorded = manifest.data.sha256
     changed = [path for path, digest in loaded.sha256.items() if recorded.get(path, digest) != digest]
     if changed:
         raise ValueError(f"{', '.join(changed)} changed since the run (sha256 differs)")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-    fmt = PromptFormat.from_dict(manifest["prompt_format"])
+    fmt = PromptFormat.from_record(manifest.prompt_format)
     lengths = {}
     for split, records in (("train", loaded.train), ("validation", loaded.validation)):
         encoded = [fmt.encode(tokenizer, to_example(record, fmt)) for record in records]

@@ -8,6 +8,7 @@ from typing import Any
 
 from sftbridge.report import plots
 from sftbridge.report.collect import SAMPLES, Evaluation, ReportData
+from sftbridge.runs import RunManifest
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -31,11 +32,11 @@ METRIC_ROWS = (
 
 def render(data: ReportData) -> str:
     manifest = data.manifest
-    title = f"sftbridge report: {manifest.get('run_name', data.run_dir.name)}"
+    title = f"sftbridge report: {manifest.run_name}"
     body = [
         f"<h1>{escape(title)}</h1>",
         f"<p class='muted'>{escape(str(data.run_dir))} · base model "
-        f"<code>{escape(str(manifest['base_model']['name_or_path']))}</code></p>",
+        f"<code>{escape(manifest.base_model.name_or_path)}</code></p>",
         _curves(data),
         *(_evaluation(e, manifest) for e in data.evaluations),
         ""
@@ -79,7 +80,7 @@ def _curves(data: ReportData) -> str:
     return "<h2>Training curves</h2><div class='grid'>" + "".join(images) + "</div>"
 
 
-def _evaluation(evaluation: Evaluation, manifest: dict[str, Any]) -> str:
+def _evaluation(evaluation: Evaluation, manifest: RunManifest) -> str:
     summary, predictions = evaluation.summary, evaluation.predictions
     sides: list[str] = [side for side in ("adapter", "base") if side in summary]
     rows = [
@@ -102,7 +103,7 @@ def _evaluation(evaluation: Evaluation, manifest: dict[str, Any]) -> str:
     if predictions:
         series = {side: [p[f"{side}_tokens"] for p in predictions if f"{side}_tokens" in p] for side in sides}
         series["reference"] = [p["reference_tokens"] for p in predictions if "reference_tokens" in p]
-        max_new = manifest.get("generation", {}).get("max_new_tokens")
+        max_new = manifest.generation.max_new_tokens
         parts.append(_img(plots.answer_lengths(series, max_new), "answer length histogram"))
         parts.append(f"<h3>{min(SAMPLES, len(predictions))} sample questions</h3>")
         parts.append(_samples(predictions[:SAMPLES], sides))
@@ -129,8 +130,9 @@ def _samples(predictions: list[dict[str, Any]], sides: list[str]) -> str:
 
 
 def _data(data: ReportData) -> str:
-    record = data.manifest.get("data", {})
-    splits = [(name, record[name]) for name in ("train", "validation") if isinstance(record.get(name), dict)]
+    record = data.manifest.data
+    splits = [(name, report) for name, report in (("train", record.train), ("validation", record.validation))]
+    splits = [(name, report) for name, report in splits if report]
     rows = [
         [
             _td(name),
@@ -141,7 +143,7 @@ def _data(data: ReportData) -> str:
         ]
         for name, report in splits
     ]
-    max_length = data.manifest["config"]["data"]["max_length"]
+    max_length = data.manifest.run_config.data.max_length
     parts = [
         "<h2>Data</h2>",
         _table(["split", "examples", f"over {max_length} tokens", "dropped", "truncated"], rows),
@@ -149,12 +151,12 @@ def _data(data: ReportData) -> str:
             ["file", "sha256"],
             [
                 [_td(path), f"<td><code>{escape(digest)}</code></td>"]
-                for path, digest in record.get("sha256", {}).items()
+                for path, digest in record.sha256.items()
             ],
         ),
     ]
-    if record.get("template_source"):
-        parts.append(f"<p class='muted'>template: {escape(str(record['template_source']))}</p>")
+    if record.template_source:
+        parts.append(f"<p class='muted'>template: {escape(record.template_source)}</p>")
     if data.lengths:
         stats_rows = []
         for split, lengths in data.lengths.items():
@@ -186,29 +188,22 @@ def _config(data: ReportData) -> str:
     )
 
 
-def _manifest(manifest: dict[str, Any]) -> str:
-    base = manifest.get("base_model", {})
-    device = manifest.get("device", {})
-    git = manifest.get("git", {})
-    backend = manifest.get("backend", {})
+def _manifest(manifest: RunManifest) -> str:
+    base, device, git, backend = manifest.base_model, manifest.device, manifest.git, manifest.backend
     fields = [
-        ("base model", base.get("name_or_path")),
-        ("revision", base.get("revision")),
-        ("4-bit (QLoRA)", base.get("load_in_4bit")),
-        ("prompt format", manifest.get("prompt_format")),
-        ("generation", manifest.get("generation")),
-        ("seed", manifest.get("seed")),
-        ("backend", f"{backend.get('name')} (job {backend.get('job_id')})"),
-        (
-            "device",
-            f"{device.get('type')} {device.get('gpu') or ''} {device.get('precision')}"
-            f" × {device.get('world_size')}",
-        ),
-        ("git", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"),
-        ("timings", manifest.get("timings")),
-        ("final metrics", manifest.get("metrics")),
-        ("resumed from", manifest.get("resumed_from")),
-        ("versions", manifest.get("versions")),
+        ("base model", base.name_or_path),
+        ("revision", base.revision),
+        ("4-bit (QLoRA)", base.load_in_4bit),
+        ("prompt format", manifest.prompt_format.model_dump()),
+        ("generation", manifest.generation.model_dump()),
+        ("seed", manifest.seed),
+        ("backend", f"{backend.name} (job {backend.job_id})"),
+        ("device", f"{device.type} {device.gpu or ''} {device.precision} × {device.world_size}"),
+        ("git", f"{git.commit}{' (dirty)' if git.dirty else ''}"),
+        ("timings", manifest.timings.model_dump()),
+        ("final metrics", manifest.metrics.model_dump()),
+        ("resumed from", manifest.resumed_from),
+        ("versions", manifest.versions),
     ]
     rows = [[_td(name), _td(_short(value))] for name, value in fields]
     return "<h2>Manifest</h2>" + _table(["", "value"], rows)

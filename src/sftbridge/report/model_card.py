@@ -10,25 +10,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sftbridge.runs import ADAPTER
+from sftbridge.runs import ADAPTER, RunManifest
 
 
-def write_model_card(run_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_model_card(run_dir: Path, manifest: RunManifest) -> Path:
     path = Path(run_dir) / ADAPTER / "README.md"
     path.write_text(model_card(manifest), encoding="utf-8")
     return path
 
 
-def model_card(manifest: dict[str, Any]) -> str:
+def model_card(manifest: RunManifest) -> str:
     from sftbridge.report.collect import config_changes
 
-    base = manifest["base_model"]
-    name = base["name_or_path"]
-    load_from = base.get("resolved_path") or name  # a builtin model is a local folder
-    config = manifest["config"]
-    lora, train, data = config["lora"], config["train"], manifest.get("data", {})
-    metrics = manifest.get("metrics", {})
-    quant = "QLoRA (4-bit nf4 base)" if base.get("load_in_4bit") else "LoRA"
+    base = manifest.base_model
+    name = base.name_or_path
+    load_from = base.resolved_path or name  # a builtin model is a local folder
+    config = manifest.config
+    lora, train, data = config["lora"], config["train"], manifest.data
+    metrics = manifest.metrics
+    quant = "QLoRA (4-bit nf4 base)" if base.load_in_4bit else "LoRA"
     lines = [
         "---",
         f"base_model: {json.dumps(name)}",
@@ -36,30 +36,29 @@ def model_card(manifest: dict[str, Any]) -> str:
         "tags: [sftbridge, lora, sft, trl]",
         "---",
         "",
-        f"# {manifest.get('run_name', 'sftbridge')} — {quant} adapter for `{name}`",
+        f"# {manifest.run_name} — {quant} adapter for `{name}`",
         "",
         f"A {quant} adapter trained by sftbridge with TRL's `SFTTrainer` and PEFT: "
-        f"supervised fine-tuning on {_count(data.get('train'))} examples, loss on the answer only.",
+        f"supervised fine-tuning on {_count(data.train)} examples, loss on the answer only.",
         "",
         "## Base model",
         "",
-        f"- `{name}`, revision `{base.get('revision')}`"
-        + (" (loaded in 4-bit)" if base.get("load_in_4bit") else ""),
-        f"- prompt format: {_inline(manifest.get('prompt_format'))}",
+        f"- `{name}`, revision `{base.revision}`" + (" (loaded in 4-bit)" if base.load_in_4bit else ""),
+        f"- prompt format: {_inline(manifest.prompt_format.model_dump())}",
         "",
         "## Data",
         "",
         "| file | bytes | sha256 |",
         "| --- | --- | --- |",
-        *(f"| `{p}` | {_size(p)} | `{digest}` |" for p, digest in data.get("sha256", {}).items()),
+        *(f"| `{p}` | {_size(p)} | `{digest}` |" for p, digest in data.sha256.items()),
         "",
         "| split | examples | over max_length | dropped | truncated |",
         "| --- | --- | --- | --- | --- |",
         *(
             f"| {split} | {r.get('total')} | {r.get('over_length')} | {r.get('dropped')} "
             f"| {r.get('truncated')} |"
-            for split, r in data.items()
-            if isinstance(r, dict) and split in ("train", "validation")
+            for split, r in (("train", data.train), ("validation", data.validation))
+            if r
         ),
         "",
         "## Training",
@@ -68,7 +67,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"{', '.join(lora['target_modules'])}; "
         f"{train['epochs']:g} epochs, learning rate {train['learning_rate']:g}, batch "
         f"{train['per_device_batch_size']} × {train['gradient_accumulation_steps']} accumulation, "
-        f"max length {config['data']['max_length']}, seed {manifest.get('seed')}.",
+        f"max length {config['data']['max_length']}, seed {manifest.seed}.",
         "",
         "Settings that differ from sftbridge's defaults:",
         "",
@@ -79,10 +78,10 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         "## Metrics",
         "",
-        f"- train loss: {_num(metrics.get('train_loss'))} after {metrics.get('global_step')} steps",
-        f"- eval loss: {_num(metrics.get('eval_loss'))}",
-        f"- training time: {manifest.get('timings', {}).get('train_seconds')} s on "
-        f"{manifest.get('device', {}).get('type')} ({manifest.get('device', {}).get('precision')})",
+        f"- train loss: {_num(metrics.train_loss)} after {metrics.global_step} steps",
+        f"- eval loss: {_num(metrics.eval_loss)}",
+        f"- training time: {manifest.timings.train_seconds} s on "
+        f"{manifest.device.type} ({manifest.device.precision})",
         "",
         "`sftbridge eval RUN` scores adapter vs. base (exact match, answer length, EOS rate) and writes "
         "every prediction; `sftbridge report RUN` draws it all in one HTML file.",
@@ -109,7 +108,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f"base = AutoModelForCausalLM.from_pretrained({json.dumps(load_from)}"
-        + (f", revision={json.dumps(base['revision'])}" if base.get("revision") else "")
+        + (f", revision={json.dumps(base.revision)}" if base.revision else "")
         + ")",
         'model = PeftModel.from_pretrained(base, "RUN/adapter")',
         'tokenizer = AutoTokenizer.from_pretrained("RUN/adapter")',

@@ -55,6 +55,7 @@ from typing import Any
 
 from sftbridge.aws import preflight as aws_checks
 from sftbridge.errors import UserError
+from sftbridge.inference.folder import ModelFolder
 from sftbridge.planning.hardware import gpu_memory, instance_bf16
 from sftbridge.runs import COMPLETE, MANIFEST
 from sftbridge.serving import defaults
@@ -262,15 +263,15 @@ def deploy(
 ) -> dict[str, Any]:
     """Deploy a run directory (merged here unless ``mode="adapter"``) or a merged folder; returns what was
     created."""
-    from sftbridge.inference.merge import merge_run, read_merged_manifest
-    from sftbridge.runs import ADAPTER, load_manifest
+    from sftbridge.inference.merge import merge_run
+    from sftbridge.runs import ADAPTER
     from sftbridge.serving.vllm import chat_template
 
     source = Path(source)
-    merged = read_merged_manifest(source)
-    manifest = merged or load_manifest(source)
-    run_backend = {} if merged else dict(manifest.get("config", {}).get("backend", {}))
-    name = name or default_name(str(manifest.get("run_name") or "run"))
+    opened = ModelFolder.open(source)  # every check generate does, before any AWS call
+    merged = opened.is_merged
+    run_backend = {} if merged else opened.run_config.backend.model_dump()
+    name = name or default_name(opened.manifest.run_name or "run")
     if engine not in ENGINES or mode not in MODES:
         raise DeployError(
             f"--engine {engine} --mode {mode}: choose an engine of {ENGINES}, a mode of {MODES}"
@@ -282,7 +283,7 @@ def deploy(
             )
         if merged:
             raise DeployError(f"--mode adapter: {source} is a merged folder; deploy the run directory")
-        base = _adapter_base(manifest, base)
+        base = _adapter_base(opened, base)
     dtype = dtype or ("bfloat16" if instance_bf16(instance_type) else "float16")  # pre-Ampere: fp16
     target = preflight(
         name=name,
@@ -299,7 +300,7 @@ def deploy(
     with tempfile.TemporaryDirectory(prefix="sftbridge-deploy-") as tmp:
         extra: dict[str, bytes] = {}
         if engine == "vllm":  # the run's prompt format, as vLLM's --chat-template
-            extra[CHAT_TEMPLATE] = chat_template(prompter(source)).encode()
+            extra[CHAT_TEMPLATE] = chat_template(opened.prompter).encode()
         if mode == "adapter":
             folder = source / ADAPTER
             extra[MANIFEST] = (source / MANIFEST).read_bytes()
@@ -311,7 +312,7 @@ def deploy(
             _check_fits(folder, target)
         model_data = _upload(folder, extra, target, Path(tmp), adapter=mode == "adapter")
     environment = (
-        _vllm_environment(target, mode, base, dtype, manifest, folder_rank(source, mode))
+        _vllm_environment(target, mode, base, dtype, opened)
         if engine == "vllm"
         else {
             "HF_MODEL_ID": MODEL_DIR,  # the unpacked model.tar.gz: no Hub download, no token
@@ -334,21 +335,12 @@ def deploy(
     return {**result, "engine": engine, "mode": mode, "environment": environment}
 
 
-def folder_rank(source: Path, mode: str) -> int:
-    """The adapter's LoRA rank (vLLM's --max-lora-rank); 0 when merged."""
-    from sftbridge.runs import ADAPTER
-
-    if mode != "adapter":
-        return 0
-    return int(json.loads((source / ADAPTER / "adapter_config.json").read_text())["r"])
-
-
-def _adapter_base(manifest: dict[str, Any], base: str | None) -> str:
+def _adapter_base(folder: ModelFolder, base: str | None) -> str:
     """The base the adapter is served on: --base (a Hub id or s3://), else the run's base if on the Hub."""
     from sftbridge.config import BUILTIN_TINY_MODEL
 
-    model = manifest.get("config", {}).get("model", {})
-    base = base or str(model.get("name_or_path", ""))
+    model = folder.run_config.model
+    base = base or model.name_or_path
     if base.startswith("s3://"):
         return base
     if base == BUILTIN_TINY_MODEL or Path(base).expanduser().exists() or base.count("/") != 1:
@@ -356,13 +348,13 @@ def _adapter_base(manifest: dict[str, Any], base: str | None) -> str:
             f"--mode adapter: the base {base!r} is not a Hub id; upload the base model folder to S3 and "
             "pass --base s3://BUCKET/PREFIX/ (or deploy --mode merged)"
         )
-    if model.get("load_in_4bit"):
+    if model.load_in_4bit:
         raise DeployError("--mode adapter: a QLoRA adapter is served on the 16-bit base: use --mode merged")
     return base
 
 
 def _vllm_environment(
-    target: Target, mode: str, base: str | None, dtype: str, manifest: dict[str, Any], rank: int
+    target: Target, mode: str, base: str | None, dtype: str, folder: ModelFolder
 ) -> dict[str, str]:
     """``SM_VLLM_*`` variables: the image makes each a ``vllm serve`` flag (an empty value: a bare flag).
 
@@ -378,7 +370,7 @@ def _vllm_environment(
     if mode == "merged":
         return {"SM_VLLM_MODEL": MODEL_DIR, "SM_VLLM_SERVED_MODEL_NAME": target.name, **environment}
     assert base is not None
-    revision = manifest.get("config", {}).get("model", {}).get("revision")
+    revision = folder.run_config.model.revision
     from_s3 = base.startswith("s3://")
     environment = {
         "SM_VLLM_MODEL": f"/opt/ml/additional-model-data-sources/{BASE_CHANNEL}" if from_s3 else base,
@@ -386,7 +378,7 @@ def _vllm_environment(
         "SM_VLLM_SERVED_MODEL_NAME": f"{target.name}-base",
         "SM_VLLM_ENABLE_LORA": "",
         "SM_VLLM_LORA_MODULES": f"{target.name}={MODEL_DIR}",
-        "SM_VLLM_MAX_LORA_RANK": str(max(rank, 8)),  # vLLM's smallest rank bucket is 8
+        "SM_VLLM_MAX_LORA_RANK": str(max(folder.adapter_rank, 8)),  # vLLM's smallest rank bucket is 8
         "SM_VLLM_TOKENIZER": MODEL_DIR,  # the run's tokenizer, saved beside the adapter
         **environment,
     }
@@ -511,23 +503,6 @@ def _create(
 
 
 # ---- invoke / undeploy -------------------------------------------------------------------------------------
-def prompter(folder: str | Path) -> Any:
-    """The one inference wrapper, for formatting only (no weights): a run, a merged folder, or a record."""
-    from transformers import AutoTokenizer
-
-    from sftbridge.inference.merge import read_merged_manifest
-    from sftbridge.inference.predictor import Predictor
-    from sftbridge.runs import ADAPTER, load_manifest
-
-    folder = Path(folder)
-    manifest = read_merged_manifest(folder)
-    tokenizer_dir = folder
-    if manifest is None:
-        manifest, tokenizer_dir = load_manifest(folder), folder / ADAPTER
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return Predictor.from_manifest(None, tokenizer, manifest)
-
-
 def _endpoint_tags(session: Any, region: str, endpoint: str) -> dict[str, str]:
     from botocore.exceptions import ClientError
 
@@ -559,49 +534,51 @@ def _fetch_record(session: Any, region: str, endpoint: str, tags: dict[str, str]
     return dest
 
 
-def _settings(predictor: Any, overrides: dict[str, Any]) -> Any:
+def _settings(folder: ModelFolder, overrides: dict[str, Any]) -> Any:
     """The run's generation settings with the caller's overrides; temperature or top_p given: sampling."""
-    settings = predictor.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    settings = folder.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     if overrides.get("temperature") is not None or overrides.get("top_p") is not None:
         settings.do_sample = True
     return settings
 
 
-def payload(predictor: Any, question: str, *, raw: bool = False, **overrides: Any) -> dict[str, Any]:
+def payload(
+    folder: ModelFolder | None, question: str, *, raw: bool = False, **overrides: Any
+) -> dict[str, Any]:
     """The seed's request body (TGI): the question in the run's template, decoding from the run's defaults.
-    Without a predictor (a local server, no --run), the plain question: the server formats it itself."""
-    if predictor is None:
+    Without a folder (a local server, no --run), the plain question: the server formats it itself."""
+    if folder is None:
         given = {k: v for k, v in overrides.items() if v is not None}
         if "temperature" in given or "top_p" in given:
             given["do_sample"] = True
         return {"inputs": question, "parameters": {**given, "details": True}}
-    settings = _settings(predictor, overrides)
+    settings = _settings(folder, overrides)
     parameters: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
     if settings.do_sample:  # TGI samples whenever these are present, so they go only with sampling
         parameters.update(temperature=settings.temperature, top_p=settings.top_p)
     parameters["details"] = True
-    return {"inputs": question if raw else predictor.prompt(question), "parameters": parameters}
+    return {"inputs": question if raw else folder.prompter.question(question), "parameters": parameters}
 
 
 def openai_payload(
-    predictor: Any, question: str, model: str | None, *, raw: bool = False, **overrides: Any
+    folder: ModelFolder | None, question: str, model: str | None, *, raw: bool = False, **overrides: Any
 ) -> dict[str, Any]:
     """An OpenAI chat body (vLLM): the question as the run's user turn; the endpoint's chat template does the
     rest (the run's system prompt included). Decoding from the run's defaults; temperature 0 is greedy."""
     messages = (
         [{"role": "user", "content": question}]
-        if raw or predictor is None
-        else predictor.prompt_format.question_to_messages(question)
+        if raw or folder is None
+        else folder.prompt_format.question_to_messages(question)
     )
     body: dict[str, Any] = {"messages": messages}
     if model:
         body["model"] = model
-    if predictor is None:
+    if folder is None:
         options = {k: v for k, v in overrides.items() if v is not None}
         if "max_new_tokens" in options:
             body["max_tokens"] = options.pop("max_new_tokens")
         return {**body, **options}
-    settings = _settings(predictor, overrides)
+    settings = _settings(folder, overrides)
     body["max_tokens"] = settings.max_new_tokens
     if settings.do_sample:
         body.update(temperature=settings.temperature, top_p=settings.top_p)
@@ -641,30 +618,35 @@ def invoke(
     body, answer) with the answer as :func:`answer_of` shapes it (the whole response under ``"response"``)."""
     if endpoint.startswith(("http://", "https://")):
         engine = engine or "vllm"  # sftbridge serve speaks both; OpenAI needs no template here
-        predictor = prompter(run) if run else None
-        body = _body(engine, predictor, question, None, raw, overrides)
+        folder = ModelFolder.open(run, weights=False) if run else None
+        body = _body(engine, folder, question, None, raw, overrides)
         response = _post_local(endpoint, body)
     else:
         session, region = aws_session(region)
         tags = _endpoint_tags(session, region, endpoint)
         engine = engine or tags.get(ENGINE_TAG, "tgi")  # endpoints deployed before vLLM ran TGI
         if run:
-            predictor = prompter(run)
+            folder = ModelFolder.open(run, weights=False)
         elif engine == "tgi" or RECORD_TAG in tags:
-            predictor = prompter(_fetch_record(session, region, endpoint, tags))
+            folder = ModelFolder.open(_fetch_record(session, region, endpoint, tags), weights=False)
         else:
-            predictor = None
-        body = _body(engine, predictor, question, endpoint, raw, overrides)
+            folder = None
+        body = _body(engine, folder, question, endpoint, raw, overrides)
         response = _invoke_endpoint(session, region, endpoint, body)
     return body, {**answer_of(response), "response": response}
 
 
 def _body(
-    engine: str, predictor: Any, question: str, model: str | None, raw: bool, overrides: dict[str, Any]
+    engine: str,
+    folder: ModelFolder | None,
+    question: str,
+    model: str | None,
+    raw: bool,
+    overrides: dict[str, Any],
 ) -> dict[str, Any]:
     if engine == "tgi":
-        return payload(predictor, question, raw=raw, **overrides)
-    return openai_payload(predictor, question, model, raw=raw, **overrides)
+        return payload(folder, question, raw=raw, **overrides)
+    return openai_payload(folder, question, model, raw=raw, **overrides)
 
 
 def _post_local(url: str, body: dict[str, Any]) -> Any:

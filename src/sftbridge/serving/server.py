@@ -13,8 +13,9 @@ Routes:
 - OpenAI: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streaming too), ``GET /v1/models``.
 
 A TGI request is ``{"inputs": str, "parameters": {...}}`` or ``{"messages": [...], "parameters": {...}}``.
-``inputs`` that already start like the run's template (BOS, e.g. ``<s>[INST]``) are used as is; a plain
-question, or a ``messages`` list, is formatted with the run's own template by :meth:`Predictor.prompt`.
+``inputs`` that already hold the run's template (e.g. ``<s>[INST] q [/INST] ``) are normalised to what
+training rendered (:meth:`Prompter.raw`); a plain question, or a ``messages`` list, is formatted with the
+run's own template.
 Decoding follows TGI: greedy unless ``do_sample`` or a sampling parameter (``temperature`` != 1, ``top_p``
 < 1, ``top_k``) is given; unspecified values come from the run's ``generation`` section. OpenAI completions
 take the prompt as is (after BOS, as vLLM does); which OpenAI parameters are honoured is in ``wire.py``.
@@ -35,7 +36,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # FastAPI reads the routes' annotations, so these are module-level imports (the ``serve`` extra).
@@ -86,11 +86,7 @@ class Engine:
         self.settings = settings
         config = getattr(predictor.model, "config", None)
         self.max_total_tokens = int(getattr(config, "max_position_embeddings", 0) or 4096)
-        self.template_heads = _template_heads(predictor)
-        tokenizer = predictor.tokenizer
-        bos_id = tokenizer.bos_token_id
-        adds_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
-        self.bos = tokenizer.bos_token if adds_bos else ""
+        self.prompter = predictor.prompter
 
     def decoding(self, params: Parameters) -> dict[str, Any]:
         """Keyword arguments for :meth:`Predictor.generate_details`, TGI's way, defaults from the run."""
@@ -113,22 +109,21 @@ class Engine:
         return decoding
 
     def prompt(self, body: GenerateBody, max_new_tokens: int) -> str:
-        """Formatted inputs as they are; a plain question or a chat through the run's template."""
+        """A chat or a plain question through the run's template; formatted inputs normalised as training
+        rendered them (:meth:`Prompter.raw`: the seed's ``[/INST] `` with its trailing space answers as
+        ``[/INST]`` does)."""
         try:
             if body.messages is not None:
-                prompt = self.predictor.prompt([m.plain() for m in body.messages])
-            elif any(str(body.inputs).startswith(head) for head in self.template_heads):
-                prompt = str(body.inputs)
+                prompt = self.prompter.chat([m.plain() for m in body.messages])
             else:
-                prompt = self.predictor.prompt(str(body.inputs))
+                prompt = self.prompter.raw(str(body.inputs))
         except Exception as exc:  # the template rejected the conversation (e.g. roles not alternating)
             raise RequestError(422, f"cannot format the request with the run's template: {exc}") from None
         return self.checked(prompt, max_new_tokens)
 
     def raw(self, text: str, max_new_tokens: int) -> str:
         """An OpenAI completions prompt: used as is, after BOS when the tokenizer adds one (as vLLM does)."""
-        prompt = text if not self.bos or text.startswith(self.bos) else self.bos + text
-        return self.checked(prompt, max_new_tokens)
+        return self.checked(self.prompter.completion(text), max_new_tokens)
 
     def checked(self, prompt: str, max_new_tokens: int) -> str:
         tokens = len(self.predictor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -139,14 +134,6 @@ class Engine:
                 f"Given: {tokens} inputs tokens and {max_new_tokens} max_new_tokens",
             )
         return prompt
-
-
-def _template_heads(predictor: Predictor) -> list[str]:
-    """How a fully formatted prompt starts: the tokenizer's BOS, and the template's text before a question."""
-    marker = "SFTBRIDGE_QUESTION_MARKER"
-    head = predictor.prompt(marker).split(marker)[0]
-    bos = predictor.tokenizer.bos_token or ""
-    return [text for text in {head, bos if bos and head.startswith(bos) else ""} if text.strip()]
 
 
 # ---- the application -------------------------------------------------------------------------------------
@@ -393,7 +380,7 @@ def _info(predictor: Predictor, engine: Engine, settings: ServeSettings, model_i
             "max_new_tokens_cap": settings.max_new_tokens_cap,
             "max_queue": settings.max_queue,
             "max_batch_size": settings.max_batch_size,
-            "prompt_format": predictor.prompt_format.to_dict(),
+            "prompt_format": predictor.prompt_format.to_record().model_dump(),
             "generation": predictor.generation.model_dump(),
         },
     }
@@ -468,10 +455,3 @@ class LocalServer:
         self.uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=60)
-
-
-def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
-    """A run directory, or a folder written by ``sftbridge merge``."""
-    from sftbridge.inference.merge import is_merged, load_merged
-
-    return load_merged(path, device=device) if is_merged(path) else Predictor.from_run(path, device=device)

@@ -38,6 +38,7 @@ from sftbridge.runs import (
     MANIFEST_VERSION,
     METRICS,
     MetricsLog,
+    RunManifest,
     RunWriter,
     checkpoint_dir_for,
     default_run_dir,
@@ -361,6 +362,7 @@ def describe_run(
 
     builtin = config.model.name_or_path.startswith("builtin:")
     return {
+        "kind": "run",
         "manifest_version": MANIFEST_VERSION,
         "run_name": config.run_name,
         "base_model": {
@@ -369,7 +371,7 @@ def describe_run(
             "revision": config.model.revision or _commit_hash(model),
             "load_in_4bit": config.model.load_in_4bit,
         },
-        "prompt_format": data.prompt_format.to_dict(),
+        "prompt_format": data.prompt_format.to_record().model_dump(),
         "generation": config.generation.model_dump(),
         "config": config.to_dict(),
         "data": data.record,
@@ -397,23 +399,25 @@ def build_manifest(
     resumed_from: Path | None,
     timings: dict[str, float],
     learning: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """The run's ``sftbridge.json``: what it was trained from, how and where (``describe_run``), how it ended.
 
     ``result`` is what ``trainer.train()`` returned, ``final_eval`` what ``trainer.evaluate()`` did (or {}),
     ``learning`` what :func:`learning_verdict` found (answer metrics, verdict, best model).
     """
-    return {
-        **description,
-        "timings": timings,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-        "metrics": {
-            "train_loss": result.training_loss,
-            "global_step": result.global_step,
-            "eval_loss": final_eval.get("eval_loss"),
-        },
-        **(learning or {}),
-    }
+    return RunManifest.model_validate(
+        {
+            **description,
+            "timings": timings,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "metrics": {
+                "train_loss": result.training_loss,
+                "global_step": result.global_step,
+                "eval_loss": final_eval.get("eval_loss"),
+            },
+            **(learning or {}),
+        }
+    )
 
 
 def learning_verdict(answers: Any, trainer: Any, config: RunConfig) -> dict[str, Any]:

@@ -17,7 +17,17 @@ from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker.spec import SPLIT_CHANNELS
 from sftbridge.config import dump_config, validate_config
 from sftbridge.errors import RunDirError, UserError
-from sftbridge.runs import CONFIG, MANIFEST, is_complete, redact, staged
+from sftbridge.runs import (
+    CONFIG,
+    MANIFEST,
+    BackendRecord,
+    RunManifest,
+    is_complete,
+    read_manifest,
+    redact,
+    staged,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,17 +238,19 @@ def _duration(seconds: float) -> str:
 
 def _annotate(run_dir: Path, d: dict[str, Any], record: dict[str, Any] | None) -> None:
     """Add the job to the manifest; point the config's data paths back at the files as submitted."""
-    manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(run_dir)
+    if not isinstance(manifest, RunManifest):
+        raise RunDirError(f"{run_dir}: the job's output is a {manifest.kind} folder, not a run")
     inputs = (record or {}).get("inputs", {})
-    data = manifest.get("config", {}).get("data", {})
+    data = manifest.config.get("data", {})
     restored = {}
     for key, channel in SPLIT_CHANNELS.items():
         source = inputs.get(channel, {}).get("source")
         if source and data.get(key):
             restored[data[key]] = source
             data[key] = source
-    trained = {restored.get(path, path): digest for path, digest in manifest["data"]["sha256"].items()}
-    manifest["data"]["sha256"] = trained
+    trained = {restored.get(path, path): digest for path, digest in manifest.data.sha256.items()}
+    manifest.data.sha256 = trained
     # The job hashed the files it trained on; they must be the ones hashed here when it was submitted.
     submitted = {
         path: digest for entry in inputs.values() for path, digest in entry.get("sha256", {}).items()
@@ -246,8 +258,8 @@ def _annotate(run_dir: Path, d: dict[str, Any], record: dict[str, Any] | None) -
     changed = sorted(path for path, digest in submitted.items() if trained.get(path, digest) != digest)
     if changed:
         log.warning("job %s trained on other data than was submitted: %s", d["TrainingJobName"], changed)
-    manifest["backend"] = {"name": "sagemaker", "job_id": d["TrainingJobName"]}
-    manifest["sagemaker"] = {
+    manifest.backend = BackendRecord(name="sagemaker", job_id=d["TrainingJobName"])
+    manifest.sagemaker = {
         "job_name": d["TrainingJobName"],
         "job_arn": d.get("TrainingJobArn"),
         "image": d.get("AlgorithmSpecification", {}).get("TrainingImage"),
@@ -263,8 +275,5 @@ def _annotate(run_dir: Path, d: dict[str, Any], record: dict[str, Any] | None) -
         "fetched": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if restored:
-        (run_dir / CONFIG).write_text(
-            redact(dump_config(validate_config(manifest["config"]))), encoding="utf-8"
-        )
-    text = json.dumps(manifest, indent=2, default=str) + "\n"
-    (run_dir / MANIFEST).write_text(redact(text), encoding="utf-8")
+        (run_dir / CONFIG).write_text(redact(dump_config(validate_config(manifest.config))), encoding="utf-8")
+    write_manifest(run_dir, manifest)
