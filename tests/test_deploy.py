@@ -134,7 +134,8 @@ def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> Non
     from botocore.exceptions import ClientError
 
     from sftbridge.inference.predictor import Predictor
-    from sftbridge.serving.deploy import deploy, invoke, undeploy
+    from sftbridge.serving.deploy import deploy, undeploy
+    from sftbridge.serving.endpoint import invoke
 
     result = deploy(trained_run, name="tiny-endpoint", instance_type=INSTANCE, role=ROLE)
     data_url = f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/model.tar.gz"
@@ -227,7 +228,8 @@ def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> Non
 )
 def test_deploy_base_and_adapter_on_vllm(aws: Recorder, trained_run: Path, base: str, model: str) -> None:
     from sftbridge.inference.predictor import Predictor
-    from sftbridge.serving.deploy import deploy, invoke
+    from sftbridge.serving.deploy import deploy
+    from sftbridge.serving.endpoint import invoke
 
     result = deploy(
         trained_run,

@@ -60,6 +60,9 @@ def test_eval_writes_predictions_into_the_run_and_refreshes_its_report(run_copy:
         assert summary[side]["eos_rate"] == sum(r[f"{side}_stopped_at_eos"] for r in rows) / 6
         assert summary[side]["mean_answer_tokens"] == sum(r[f"{side}_tokens"] for r in rows) / 6
     assert sum(r["adapter_exact_match"] for r in rows) >= 5
+    # Counted alike: a perfect answer is as long as its reference (not one token longer for the space
+    # Llama-2's template puts before </s>, which the adapter generates too).
+    assert all(r["adapter_tokens"] == r["reference_tokens"] for r in rows if r["adapter_exact_match"])
 
     report = (run_copy / "report.html").read_text()
     assert f"Evaluation: {SAMPLE_TRAIN}" in report and rows[0]["adapter_answer"] in report

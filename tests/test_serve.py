@@ -423,9 +423,23 @@ def test_the_official_openai_client(server: Any, predictor: Any, expected: Any) 
     assert completion.choices[0].logprobs is not None
     streamed = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=16, stream=True)
     assert "".join(c.choices[0].text for c in streamed).strip() == expected.text
-    with pytest.raises(openai.UnprocessableEntityError) as refused:
+    # Refusals in OpenAI's shape, which its client shows (TGI's flat body showed only "Error code: 422").
+    with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="tiny-run", prompt=prompt, max_tokens=10_000)
-    assert "max_new_tokens: must be <= 256" in refused.value.response.json()["error"]
+    assert refused.value.status_code == 400 and refused.value.param == "max_tokens"
+    assert "max_tokens: must be <= 256 (got 10000)" in str(refused.value)
+    assert refused.value.body == {
+        "message": "max_tokens: must be <= 256 (got 10000)",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": 400,
+    }
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny-run", messages=[{"role": "assistant", "content": "x"}])
+    assert "last message" in str(refused.value)
+    status, body = post(server, "/invocations", {"messages": [], "max_tokens": 10_000})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert post(server, "/v1/nowhere", {})[1]["error"]["type"] == "not_found_error"
 
 
 def test_invocations_speaks_vllms_body_too_and_each_request_is_logged(
@@ -481,7 +495,7 @@ def test_invoke_speaks_both_apis_to_the_local_server(
     server: Any, trained_run: Path, expected: Any, engine: str
 ) -> None:
     """The code that invokes SageMaker endpoints, pointed at this server's /invocations."""
-    from sftbridge.serving.deploy import invoke
+    from sftbridge.serving.endpoint import invoke
 
     request, answer = invoke(server.url, QUESTION, run=trained_run, engine=engine)
     assert ("messages" in request) == (engine == "vllm") and ("inputs" in request) == (engine == "tgi")

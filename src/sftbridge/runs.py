@@ -267,6 +267,19 @@ def read_manifest(path: str | Path) -> RunManifest | MergedManifest:
     return parse_manifest(raw, file)
 
 
+def manifest_kind(path: str | Path) -> str | None:
+    """What a folder's manifest says it is (``run``, ``merged``), without validating the rest; None when it
+    cannot be read."""
+    try:
+        raw = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    kind = raw.get("kind", "run")
+    return kind if isinstance(kind, str) else None
+
+
 def write_manifest(folder: Path, manifest: RunManifest | MergedManifest) -> None:
     """``sftbridge.json`` in ``folder``, secrets scrubbed, written whole (temporary file, then rename)."""
     text = redact(manifest.model_dump_json(indent=2, exclude_none=False)) + "\n"
@@ -310,11 +323,14 @@ def load_manifest(path: str | Path) -> RunManifest:
         raise RunDirError(f"{path}: no such run directory")
     if not (path / MANIFEST).is_file():
         raise RunDirError(f"{path}: not a run directory (no {MANIFEST})")
+    kind = manifest_kind(path)
+    if kind not in (None, "run"):
+        raise RunDirError(f"{path}: a {kind} model folder, not a run")
+    if not (path / COMPLETE).is_file():
+        raise RunDirError(f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it")
     manifest = read_manifest(path)
     if not isinstance(manifest, RunManifest):
         raise RunDirError(f"{path}: a {manifest.kind} model folder, not a run")
-    if not (path / COMPLETE).is_file():
-        raise RunDirError(f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it")
     return manifest
 
 

@@ -172,9 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
     from sftbridge.inference.folder import ModelFolder
-    from sftbridge.serving.server import LocalServer, ServeSettings
+    from sftbridge.serving.server import LocalServer, ServeSettings, listen
 
-    folder = ModelFolder.open(args.run)  # checked before FastAPI or torch: one line on a bad folder
+    folder = ModelFolder.open(args.run)  # checked before torch: one line on a bad folder
 
     settings = ServeSettings(
         host=args.host,
@@ -185,16 +185,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000,
     )
-    predictor = folder.predictor(device=args.device)
     try:
-        # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
-        server = LocalServer(
-            predictor, settings, source=str(args.run), log_config=uvicorn.config.LOGGING_CONFIG
-        )
+        listener = listen(
+            settings
+        )  # before the model loads (seconds to minutes): a taken port is said at once
     except OSError as exc:
         raise UserError(
             f"--host {args.host} --port {args.port}: cannot listen ({exc}); try --port 0"
         ) from None
+    predictor = folder.predictor(device=args.device)
+    # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
+    server = LocalServer(
+        predictor, settings, source=str(args.run), log_config=uvicorn.config.LOGGING_CONFIG, listener=listener
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning(
             "listening on %s: reachable from other machines, and the server has no authentication", args.host
@@ -272,7 +275,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
-    from sftbridge.serving.deploy import invoke
+    from sftbridge.serving.endpoint import invoke
 
     request, answer = invoke(
         args.endpoint,

@@ -66,7 +66,14 @@ def _case(record: Record, predictor: Predictor) -> Case:
     return Case(record.where, predictor.prompt(history), answer["content"].strip(), question, example)
 
 
-def score(cases: list[Case], generations: list[Generation]) -> dict[str, float]:
+def answer_tokens(tokenizer: Any, text: str) -> int:
+    """An answer's length in tokens, counted alike for the adapter's, the base's and the reference answer:
+    the text alone, without the special tokens or the whitespace a chat template puts around it (Llama-2's
+    template ends an answer with `` </s>``, so a generated answer also carries a lone space token)."""
+    return len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+
+
+def score(cases: list[Case], generations: list[Generation], tokenizer: Any) -> dict[str, float]:
     n = len(cases)
     exact = sum(normalize(g.text) == normalize(c.reference) for c, g in zip(cases, generations, strict=True))
     contains = sum(
@@ -75,7 +82,7 @@ def score(cases: list[Case], generations: list[Generation]) -> dict[str, float]:
     return {
         "exact_match": exact / n,
         "contains": contains / n,
-        "mean_answer_tokens": sum(len(g.token_ids) for g in generations) / n,
+        "mean_answer_tokens": sum(answer_tokens(tokenizer, g.text) for g in generations) / n,
         "eos_rate": sum(g.finished for g in generations) / n,
     }
 
@@ -103,15 +110,11 @@ def evaluate(
             generations[side] = _generate(predictor, cases, batch_size, side, progress)
             losses[side] = reference_losses(predictor, cases, batch_size, f"{side} loss", progress)
     result: dict[str, Any] = {"n": len(cases)}
-    result.update({side: score(cases, generations[side]) for side in sides})
+    tokenizer = predictor.tokenizer
+    result.update({side: score(cases, generations[side], tokenizer) for side in sides})
     result["eval_loss"] = {side: _mean_loss(losses[side]) for side in sides}
-    reference_tokens = [
-        len(predictor.tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in cases
-    ]
     result["predictions"] = [
-        _prediction(
-            case, reference_tokens[i], {side: (generations[side][i], losses[side][i]) for side in sides}
-        )
+        _prediction(case, tokenizer, {side: (generations[side][i], losses[side][i]) for side in sides})
         for i, case in enumerate(cases)
     ]
     return result
@@ -171,17 +174,17 @@ def _mean_loss(losses: list[tuple[float, int]]) -> float | None:
 
 
 def _prediction(
-    case: Case, reference_tokens: int, answers: dict[str, tuple[Generation, tuple[float, int]]]
+    case: Case, tokenizer: Any, answers: dict[str, tuple[Generation, tuple[float, int]]]
 ) -> dict[str, Any]:
     row: dict[str, Any] = {
         "where": case.where,
         "question": case.question,
         "reference": case.reference,
-        "reference_tokens": reference_tokens,
+        "reference_tokens": answer_tokens(tokenizer, case.reference),
     }
     for side, (generation, (loss, count)) in answers.items():
         row[f"{side}_answer"] = generation.text
-        row[f"{side}_tokens"] = len(generation.token_ids)
+        row[f"{side}_tokens"] = answer_tokens(tokenizer, generation.text)
         row[f"{side}_stopped_at_eos"] = generation.finished
         row[f"{side}_exact_match"] = normalize(generation.text) == normalize(case.reference)
         row[f"{side}_loss"] = loss / count if count else None

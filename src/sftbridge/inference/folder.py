@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from sftbridge.config import GenerationSection, RunConfig
 from sftbridge.data.formatting import PromptFormat
 from sftbridge.errors import RunDirError
-from sftbridge.runs import ADAPTER, COMPLETE, MergedManifest, RunManifest, read_manifest
+from sftbridge.runs import (
+    ADAPTER,
+    COMPLETE,
+    MANIFEST,
+    MergedManifest,
+    RunManifest,
+    manifest_kind,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from sftbridge.data.prompter import Prompter
@@ -48,12 +56,15 @@ class ModelFolder:
         path = Path(path)
         if not path.is_dir():
             raise RunDirError(f"{path}: no such run directory")
-        manifest = read_manifest(path)
-        folder = cls(path, manifest)
-        if isinstance(manifest, RunManifest) and not (path / COMPLETE).is_file():
+        if not (path / MANIFEST).is_file():
+            raise RunDirError(f"{path}: not a run directory (no {MANIFEST})")
+        # A run is marked complete last (a merged folder is moved into place whole): before it, the manifest
+        # may be half-written, and "did not finish" is the message that helps.
+        if not (path / COMPLETE).is_file() and manifest_kind(path) != "merged":
             raise RunDirError(
                 f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it"
             )
+        folder = cls(path, read_manifest(path))
         folder._check_links()
         folder._check_files(weights)
         return folder

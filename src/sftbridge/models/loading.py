@@ -39,10 +39,63 @@ def _load_error(name: str, exc: Exception) -> UserError:
     return UserError(f"model.name_or_path: cannot load {name!r}: {exc}{hint}")
 
 
+HUB_PROBE_TIMEOUT_S = 5.0  # one request; huggingface_hub itself retries a dead connection for about a minute
+
+
+def check_hub_model(cfg: ModelSection) -> None:
+    """A Hub model that cannot be had fails here, in seconds and one line, not after a minute of retries.
+
+    A local folder, a built-in model, ``HF_HUB_OFFLINE`` or a copy in the Hugging Face cache need no Hub
+    (with the cache and no Hub, this process goes offline: the cached copy loads at once). Otherwise one
+    request asks the Hub for the model: unreachable, gated (no token, or the licence not accepted) and
+    unknown each get the line that says what to do."""
+    import httpx
+    from huggingface_hub import constants, get_token, try_to_load_from_cache
+
+    name = cfg.name_or_path
+    if name.startswith("builtin:") or os.path.exists(name) or constants.HF_HUB_OFFLINE:
+        return
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=cfg.revision), str)
+    revision = cfg.revision or "main"
+    # What from_pretrained asks first: the Hub answers with X-Error-Code (GatedRepo, RepositoryNotFound, ...).
+    url = f"{constants.ENDPOINT}/{name}/resolve/{revision}/config.json"
+    token = get_token()
+    try:
+        response = httpx.head(
+            url, timeout=HUB_PROBE_TIMEOUT_S, headers={"authorization": f"Bearer {token}"} if token else {}
+        )
+    except httpx.HTTPError as exc:
+        if cached:
+            log.warning("the Hugging Face Hub is unreachable (%s): loading %s from the cache", exc, name)
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            constants.HF_HUB_OFFLINE = True
+            return
+        raise UserError(
+            f"model.name_or_path: {name}: the Hugging Face Hub ({constants.ENDPOINT}) is unreachable "
+            f"({type(exc).__name__}) and the model is not in the cache; connect to it, download the model "
+            "where there is a connection (hf download), or point model.name_or_path at a local folder"
+        ) from None
+    code = response.headers.get("x-error-code", "")
+    if code == "GatedRepo" or (response.status_code == 403 and code != "RepositoryNotFound"):
+        why = "HF_TOKEN is not set" if not token else "this token's account has not been granted access"
+        raise UserError(
+            f"model.name_or_path: {name} is gated and {why}: accept its licence on "
+            f"https://huggingface.co/{name}, then set HF_TOKEN (backend.hf_token_secret on SageMaker)"
+        )
+    if code in ("RepositoryNotFound", "RevisionNotFound") or response.status_code in (401, 404):
+        private = "" if token else " (or private: set HF_TOKEN)"
+        raise UserError(
+            f"model.name_or_path: {name} (revision {revision}): not on the Hugging Face Hub{private}; "
+            "check the id and model.revision, or point model.name_or_path at a local folder"
+        )
+
+
 def load_tokenizer(cfg: ModelSection, *, local_only: bool = False) -> Any:
     """The model's tokenizer; ``local_only``: from a folder or the Hugging Face cache, never the network."""
     from transformers import AutoTokenizer
 
+    if not local_only:
+        check_hub_model(cfg)
     try:
         # HF_TOKEN is read from the environment by huggingface_hub; it never passes through our config.
         return AutoTokenizer.from_pretrained(

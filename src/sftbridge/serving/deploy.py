@@ -1,8 +1,8 @@
-"""Deploy a run to a SageMaker real-time endpoint on Hugging Face's vLLM image (or TGI); invoke; undeploy.
+"""Provisioning: deploy a run to a SageMaker real-time endpoint on Hugging Face's vLLM image (or TGI);
+undeploy it.
 
     sftbridge deploy RUN [--mode merged|adapter] [--base HUB_ID|s3://...] [--engine vllm|tgi]
                          [--instance-type ml.g5.2xlarge] [--role ARN] [--bucket B]
-    sftbridge invoke ENDPOINT|http://HOST:PORT "question"
     sftbridge undeploy ENDPOINT
 
 ``deploy`` checks everything it can before any work (region, credentials, role, instance type, image, bucket
@@ -29,13 +29,8 @@ endpoint, all three named NAME and tagged with the record's location and the eng
 
 The weights come from S3 (or a public Hub repository), so no Hugging Face token is needed, and none is sent.
 
-``invoke`` speaks the endpoint's engine (its ``sftbridge:engine`` tag; TGI for endpoints deployed before it
-existed): OpenAI ``messages`` to vLLM (the endpoint's template formats them), the seed's payload
-``{"inputs": "<s>[INST] ... [/INST]", "parameters": {...}}`` to TGI (formatted here with the run's template,
-from the record or ``--run``). Given ``http://HOST:PORT`` it sends the same bodies to that server's
-``/invocations`` (``sftbridge serve`` answers both). Either way the answer comes back as
-``{"generated_text", "finish_reason"}``. ``undeploy`` deletes the endpoint, its config and its model (the
-S3 objects stay).
+``undeploy`` deletes the endpoint, its config and its model (the S3 objects stay). ``invoke`` is the
+endpoint client's (``endpoint.py``), which reads the record and the tags written here.
 
 The control plane goes through boto3's ``sagemaker`` client: sagemaker-core 2.27's resource classes fail
 on moto's describe answers (empty ``VpcConfig``/``DataCaptureConfig``), which would leave this untestable
@@ -44,7 +39,6 @@ offline.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tarfile
@@ -54,16 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.aws import preflight as aws_checks
-from sftbridge.errors import UserError
 from sftbridge.inference.folder import ModelFolder
 from sftbridge.planning.hardware import gpu_memory, instance_bf16
 from sftbridge.runs import COMPLETE, MANIFEST
 from sftbridge.serving import defaults
+from sftbridge.serving.endpoint import ENGINE_TAG, RECORD_TAG, DeployError, aws_session
 
 log = logging.getLogger(__name__)
 
-RECORD_TAG = "sftbridge:record"  # s3://.../NAME/record/ : manifest + tokenizer, read by `invoke`
-ENGINE_TAG = "sftbridge:engine"  # vllm or tgi: the API `invoke` speaks
 ENGINES = ("vllm", "tgi")
 MODES = ("merged", "adapter")
 MODEL_DIR = "/opt/ml/model"  # where SageMaker unpacks model.tar.gz
@@ -72,10 +64,6 @@ CHAT_TEMPLATE = "chat_template.jinja"
 VARIANT = "AllTraffic"
 NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's endpoint/model name rule
 WEIGHTS_SHARE_OF_GPU = 0.8  # the rest is the engine's KV cache and activations
-
-
-class DeployError(UserError):
-    """Something to fix before (or instead of) deploying; the message says what."""
 
 
 @dataclass
@@ -97,18 +85,6 @@ class Target:
 
 
 # ---- pre-flight -----------------------------------------------------------------------------------------
-def aws_session(region: str | None = None, run_backend: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """A boto3 session and its region; one-line errors when there are no credentials or no region."""
-    import boto3
-
-    region = region or (run_backend or {}).get("region")
-    session = boto3.Session(region_name=region) if region else boto3.Session()
-    if not session.region_name:
-        raise DeployError("no AWS region: pass --region or set AWS_DEFAULT_REGION (e.g. us-east-1)")
-    aws_checks.require_credentials(session, DeployError)
-    return session, session.region_name
-
-
 def gpu_info(instance_type: str, region: str) -> tuple[int, int]:
     """(GPUs, total GPU MiB) of a SageMaker instance type, from the SDK's table, else sftbridge's hardware
     table; DeployError if neither knows it."""
@@ -193,8 +169,10 @@ def preflight(
     image_version: str | None = None,
     image_uri: str | None = None,
     run_backend: dict[str, Any] | None = None,
+    check_bucket: bool = True,
 ) -> Target:
-    """Every check that needs no upload, cheapest first; the default bucket is created if missing."""
+    """Every check that needs no upload, cheapest first; the default bucket is created if missing.
+    ``check_bucket=False`` (a dry run) writes nothing: no bucket created, no probe object."""
     session, region = aws_session(region, run_backend)
     backend = run_backend or {}
     role = role or backend.get("role")
@@ -210,15 +188,16 @@ def preflight(
     _check_name_free(session.client("sagemaker", region_name=region), name)
     chosen = bucket or backend.get("bucket")
     bucket = chosen or aws_checks.default_bucket(region, account)
-    aws_checks.ensure_writable_bucket(
-        session,
-        bucket,
-        region=region,
-        prefix=prefix,
-        setting="--bucket",
-        create=not chosen,
-        error=DeployError,
-    )
+    if check_bucket:
+        aws_checks.ensure_writable_bucket(
+            session,
+            bucket,
+            region=region,
+            prefix=prefix,
+            setting="--bucket",
+            create=not chosen,
+            error=DeployError,
+        )
     return Target(
         session,
         region,
@@ -260,13 +239,14 @@ def deploy(
     image_uri: str | None = None,
     dtype: str | None = None,
     wait: bool = True,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Deploy a run directory (merged here unless ``mode="adapter"``) or a merged folder; returns what was
-    created."""
-    from sftbridge.inference.merge import merge_run
-    from sftbridge.runs import ADAPTER
-    from sftbridge.serving.vllm import chat_template
+    created. ``dry_run``: every check that writes nothing, then the requests it would send (model, endpoint
+    config, endpoint) under ``"requests"``; nothing is merged, uploaded or created.
 
+    An AWS error while uploading or creating is one DeployError naming the call; what was uploaded and
+    created is removed again."""
     source = Path(source)
     opened = ModelFolder.open(source)  # every check generate does, before any AWS call
     merged = opened.is_merged
@@ -296,21 +276,8 @@ def deploy(
         image_version=image_version,
         image_uri=image_uri,
         run_backend=run_backend,
+        check_bucket=not dry_run,
     )
-    with tempfile.TemporaryDirectory(prefix="sftbridge-deploy-") as tmp:
-        extra: dict[str, bytes] = {}
-        if engine == "vllm":  # the run's prompt format, as vLLM's --chat-template
-            extra[CHAT_TEMPLATE] = chat_template(opened.prompter).encode()
-        if mode == "adapter":
-            folder = source / ADAPTER
-            extra[MANIFEST] = (source / MANIFEST).read_bytes()
-        else:
-            folder = source
-            if not merged:
-                log.info("merging %s into %s weights", source, dtype)
-                folder = merge_run(source, Path(tmp) / "merged", dtype=dtype, device="auto")
-            _check_fits(folder, target)
-        model_data = _upload(folder, extra, target, Path(tmp), adapter=mode == "adapter")
     environment = (
         _vllm_environment(target, mode, base, dtype, opened)
         if engine == "vllm"
@@ -331,8 +298,73 @@ def deploy(
                 },
             }
         ]
-    result = _create(target, model_data, environment, extra_sources, instance_count, wait)
-    return {**result, "engine": engine, "mode": mode, "environment": environment}
+    model_data = f"s3://{target.bucket}/{target.prefix}/{target.name}/model.tar.gz"
+    requests = _requests(target, model_data, environment, extra_sources, instance_count)
+    summary = {
+        "endpoint": target.name,
+        "region": target.region,
+        "image": target.image_uri,
+        "instance_type": target.instance_type,
+        "model_data": model_data,
+        "record": requests["create_model"]["Tags"][0]["Value"],
+        "engine": engine,
+        "mode": mode,
+        "environment": environment,
+    }
+    if dry_run:
+        return {**summary, "status": "dry run: nothing uploaded or created", "requests": requests}
+    try:
+        _upload_model(source, opened, target, mode=mode, dtype=dtype)
+        status = _create(target, requests, wait)
+    except aws_errors() as exc:
+        _remove_uploads(target)
+        call = getattr(exc, "operation_name", None) or "upload to S3"
+        raise DeployError(
+            f"deploy {target.name}: {call} failed ({aws_checks.reason(exc)}); nothing was left behind: the "
+            f"uploads under s3://{target.bucket}/{target.prefix}/{target.name}/ were removed"
+        ) from None
+    return {**summary, "status": status}
+
+
+def aws_errors() -> tuple[type[Exception], ...]:
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError, S3UploadFailedError)
+
+
+def _upload_model(source: Path, opened: ModelFolder, target: Target, *, mode: str, dtype: str) -> None:
+    """The model data (merged here from a run unless ``mode="adapter"``) and the record, to S3."""
+    from sftbridge.inference.merge import merge_run
+    from sftbridge.runs import ADAPTER
+    from sftbridge.serving.vllm import chat_template
+
+    with tempfile.TemporaryDirectory(prefix="sftbridge-deploy-") as tmp:
+        extra: dict[str, bytes] = {}
+        if target.engine == "vllm":  # the run's prompt format, as vLLM's --chat-template
+            extra[CHAT_TEMPLATE] = chat_template(opened.prompter).encode()
+        if mode == "adapter":
+            folder = source / ADAPTER
+            extra[MANIFEST] = (source / MANIFEST).read_bytes()
+        else:
+            folder = source
+            if not opened.is_merged:
+                log.info("merging %s into %s weights", source, dtype)
+                folder = merge_run(source, Path(tmp) / "merged", dtype=dtype, device="auto")
+            _check_fits(folder, target)
+        _upload(folder, extra, target, Path(tmp), adapter=mode == "adapter")
+
+
+def _remove_uploads(target: Target) -> None:
+    """Delete what :func:`_upload` wrote (a failed deploy leaves nothing behind); a failure is only logged."""
+    s3 = target.session.client("s3", region_name=target.region)
+    prefix = f"{target.prefix}/{target.name}/"
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                s3.delete_object(Bucket=target.bucket, Key=item["Key"])
+    except aws_errors() as exc:
+        log.warning("could not remove s3://%s/%s (%s)", target.bucket, prefix, aws_checks.reason(exc))
 
 
 def _adapter_base(folder: ModelFolder, base: str | None) -> str:
@@ -356,35 +388,27 @@ def _adapter_base(folder: ModelFolder, base: str | None) -> str:
 def _vllm_environment(
     target: Target, mode: str, base: str | None, dtype: str, folder: ModelFolder
 ) -> dict[str, str]:
-    """``SM_VLLM_*`` variables: the image makes each a ``vllm serve`` flag (an empty value: a bare flag).
+    """``SM_VLLM_*`` variables: :func:`~sftbridge.serving.vllm.launch_options` with SageMaker's paths (the
+    model data at /opt/ml/model, an S3 base as an additional model data source), on every GPU."""
+    from sftbridge.serving.vllm import as_sagemaker_environment, launch_options
 
-    As the image's entrypoint does it (aws/deep-learning-containers ``vllm/build_artifacts/
-    sagemaker_entrypoint.sh``, and vLLM's own ``examples/online_serving/sagemaker-entrypoint.sh``): the prefix
-    dropped, lower case, ``_`` to ``-``, the value appended only when non-empty.
-    """
-    environment = {
-        "SM_VLLM_TENSOR_PARALLEL_SIZE": str(target.gpus),
-        "SM_VLLM_DTYPE": dtype,
-        "SM_VLLM_CHAT_TEMPLATE": f"{MODEL_DIR}/{CHAT_TEMPLATE}",
-    }
+    from_s3 = base is not None and base.startswith("s3://")
     if mode == "merged":
-        return {"SM_VLLM_MODEL": MODEL_DIR, "SM_VLLM_SERVED_MODEL_NAME": target.name, **environment}
-    assert base is not None
-    revision = folder.run_config.model.revision
-    from_s3 = base.startswith("s3://")
-    environment = {
-        "SM_VLLM_MODEL": f"/opt/ml/additional-model-data-sources/{BASE_CHANNEL}" if from_s3 else base,
-        # The base answers to NAME-base; the fine-tune (the LoRA module) to NAME, what `invoke` asks for.
-        "SM_VLLM_SERVED_MODEL_NAME": f"{target.name}-base",
-        "SM_VLLM_ENABLE_LORA": "",
-        "SM_VLLM_LORA_MODULES": f"{target.name}={MODEL_DIR}",
-        "SM_VLLM_MAX_LORA_RANK": str(max(folder.adapter_rank, 8)),  # vLLM's smallest rank bucket is 8
-        "SM_VLLM_TOKENIZER": MODEL_DIR,  # the run's tokenizer, saved beside the adapter
-        **environment,
-    }
-    if revision and not from_s3:
-        environment["SM_VLLM_REVISION"] = str(revision)
-    return environment
+        model = MODEL_DIR
+    else:
+        assert base is not None
+        model = f"/opt/ml/additional-model-data-sources/{BASE_CHANNEL}" if from_s3 else base
+    options = launch_options(
+        folder,
+        merged=mode == "merged",
+        name=target.name,
+        model=model,
+        weights=MODEL_DIR,
+        chat_template=f"{MODEL_DIR}/{CHAT_TEMPLATE}",
+        revision=None if mode == "merged" or from_s3 else folder.run_config.model.revision,
+    )
+    options.update({"tensor-parallel-size": str(target.gpus), "dtype": dtype})
+    return as_sagemaker_environment(options)
 
 
 def _check_fits(folder: Path, target: Target) -> None:
@@ -432,15 +456,14 @@ def _upload(folder: Path, extra: dict[str, bytes], target: Target, tmp: Path, *,
     return f"s3://{target.bucket}/{base}/model.tar.gz"
 
 
-def _create(
+def _requests(
     target: Target,
     model_data: str,
     environment: dict[str, str],
     extra_sources: list[dict[str, Any]],
     instance_count: int,
-    wait: bool,
-) -> dict[str, Any]:
-    sm = target.session.client("sagemaker", region_name=target.region)
+) -> dict[str, dict[str, Any]]:
+    """The three SageMaker calls a deploy makes, call name -> its arguments (what ``--dry-run`` prints)."""
     record = model_data.rsplit("/", 1)[0] + "/record/"
     tags = [
         {"Key": RECORD_TAG, "Value": record},
@@ -454,241 +477,59 @@ def _create(
     }
     if extra_sources:
         container["AdditionalModelDataSources"] = extra_sources
+    variant = {
+        "VariantName": VARIANT,
+        "ModelName": target.name,
+        "InstanceType": target.instance_type,
+        "InitialInstanceCount": instance_count,
+        # Loading 7B+ weights takes minutes; SageMaker's default health-check wait is shorter.
+        "ContainerStartupHealthCheckTimeoutInSeconds": 900,
+        "ModelDataDownloadTimeoutInSeconds": 1200,
+    }
+    return {
+        "create_model": {
+            "ModelName": target.name,
+            "PrimaryContainer": container,
+            "ExecutionRoleArn": target.role,
+            "Tags": tags,
+        },
+        "create_endpoint_config": {
+            "EndpointConfigName": target.name,
+            "ProductionVariants": [variant],
+            "Tags": tags,
+        },
+        "create_endpoint": {"EndpointName": target.name, "EndpointConfigName": target.name, "Tags": tags},
+    }
+
+
+def _create(target: Target, requests: dict[str, dict[str, Any]], wait: bool) -> str:
+    """Send the requests in order (a failure deletes what was created before it); the endpoint's status."""
+    sm = target.session.client("sagemaker", region_name=target.region)
+    undo = {
+        "create_model": ("delete_model", {"ModelName": target.name}),
+        "create_endpoint_config": ("delete_endpoint_config", {"EndpointConfigName": target.name}),
+    }
     created: list[tuple[str, dict[str, str]]] = []
     try:
-        sm.create_model(
-            ModelName=target.name,
-            PrimaryContainer=container,
-            ExecutionRoleArn=target.role,
-            Tags=tags,
-        )
-        created.append(("delete_model", {"ModelName": target.name}))
-        sm.create_endpoint_config(
-            EndpointConfigName=target.name,
-            ProductionVariants=[
-                {
-                    "VariantName": VARIANT,
-                    "ModelName": target.name,
-                    "InstanceType": target.instance_type,
-                    "InitialInstanceCount": instance_count,
-                    # Loading 7B+ weights takes minutes; SageMaker's default health-check wait is shorter.
-                    "ContainerStartupHealthCheckTimeoutInSeconds": 900,
-                    "ModelDataDownloadTimeoutInSeconds": 1200,
-                }
-            ],
-            Tags=tags,
-        )
-        created.append(("delete_endpoint_config", {"EndpointConfigName": target.name}))
-        sm.create_endpoint(EndpointName=target.name, EndpointConfigName=target.name, Tags=tags)
+        for call, arguments in requests.items():
+            getattr(sm, call)(**arguments)
+            if call in undo:
+                created.append(undo[call])
     except Exception:
-        for call, args in reversed(created):  # leave nothing half-made behind
-            getattr(sm, call)(**args)
+        for call, arguments in reversed(created):  # leave nothing half-made behind
+            getattr(sm, call)(**arguments)
         raise
-    status = sm.describe_endpoint(EndpointName=target.name)["EndpointStatus"]
+    status: str = sm.describe_endpoint(EndpointName=target.name)["EndpointStatus"]
     if wait:
         log.info("waiting for endpoint %s to be InService (usually 5-15 minutes)", target.name)
         sm.get_waiter("endpoint_in_service").wait(
             EndpointName=target.name, WaiterConfig={"Delay": 30, "MaxAttempts": 120}
         )
         status = sm.describe_endpoint(EndpointName=target.name)["EndpointStatus"]
-    return {
-        "endpoint": target.name,
-        "status": status,
-        "region": target.region,
-        "image": target.image_uri,
-        "instance_type": target.instance_type,
-        "model_data": model_data,
-        "record": record,
-    }
+    return status
 
 
-# ---- invoke / undeploy -------------------------------------------------------------------------------------
-def _endpoint_tags(session: Any, region: str, endpoint: str) -> dict[str, str]:
-    from botocore.exceptions import ClientError
-
-    sm = session.client("sagemaker", region_name=region)
-    try:
-        arn = sm.describe_endpoint(EndpointName=endpoint)["EndpointArn"]
-    except ClientError as exc:
-        raise DeployError(f"endpoint {endpoint} in {region}: {aws_checks.reason(exc)}") from None
-    return {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=arn).get("Tags", [])}
-
-
-def _fetch_record(session: Any, region: str, endpoint: str, tags: dict[str, str]) -> Path:
-    """Download the endpoint's record (manifest + tokenizer) into the cache; its S3 prefix is a tag."""
-    from sftbridge.models.builtin import cache_root
-
-    if RECORD_TAG not in tags:
-        raise DeployError(
-            f"endpoint {endpoint} was not deployed by sftbridge: pass --run RUN for its template, or --raw"
-        )
-    bucket, _, prefix = tags[RECORD_TAG].removeprefix("s3://").partition("/")
-    s3 = session.client("s3", region_name=region)
-    dest = cache_root() / "endpoints" / region / endpoint
-    dest.mkdir(parents=True, exist_ok=True)
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            file = dest / item["Key"].removeprefix(prefix).lstrip("/")
-            file.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, item["Key"], str(file))
-    return dest
-
-
-def _settings(folder: ModelFolder, overrides: dict[str, Any]) -> Any:
-    """The run's generation settings with the caller's overrides; temperature or top_p given: sampling."""
-    settings = folder.generation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("temperature") is not None or overrides.get("top_p") is not None:
-        settings.do_sample = True
-    return settings
-
-
-def payload(
-    folder: ModelFolder | None, question: str, *, raw: bool = False, **overrides: Any
-) -> dict[str, Any]:
-    """The seed's request body (TGI): the question in the run's template, decoding from the run's defaults.
-    Without a folder (a local server, no --run), the plain question: the server formats it itself."""
-    if folder is None:
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if "temperature" in given or "top_p" in given:
-            given["do_sample"] = True
-        return {"inputs": question, "parameters": {**given, "details": True}}
-    settings = _settings(folder, overrides)
-    parameters: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
-    if settings.do_sample:  # TGI samples whenever these are present, so they go only with sampling
-        parameters.update(temperature=settings.temperature, top_p=settings.top_p)
-    parameters["details"] = True
-    return {"inputs": question if raw else folder.prompter.question(question), "parameters": parameters}
-
-
-def openai_payload(
-    folder: ModelFolder | None, question: str, model: str | None, *, raw: bool = False, **overrides: Any
-) -> dict[str, Any]:
-    """An OpenAI chat body (vLLM): the question as the run's user turn; the endpoint's chat template does the
-    rest (the run's system prompt included). Decoding from the run's defaults; temperature 0 is greedy."""
-    messages = (
-        [{"role": "user", "content": question}]
-        if raw or folder is None
-        else folder.prompt_format.question_to_messages(question)
-    )
-    body: dict[str, Any] = {"messages": messages}
-    if model:
-        body["model"] = model
-    if folder is None:
-        options = {k: v for k, v in overrides.items() if v is not None}
-        if "max_new_tokens" in options:
-            body["max_tokens"] = options.pop("max_new_tokens")
-        return {**body, **options}
-    settings = _settings(folder, overrides)
-    body["max_tokens"] = settings.max_new_tokens
-    if settings.do_sample:
-        body.update(temperature=settings.temperature, top_p=settings.top_p)
-    else:
-        body["temperature"] = 0
-    return body
-
-
-def answer_of(response: Any) -> dict[str, Any]:
-    """The same shape from either engine: ``{"generated_text", "finish_reason"}``."""
-    if isinstance(response, list) and response:
-        response = response[0]
-    if not isinstance(response, dict):
-        raise DeployError(f"unexpected answer: {str(response)[:200]}")
-    if "choices" in response:  # OpenAI (vLLM, or sftbridge serve's /invocations)
-        choice = response["choices"][0]
-        text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
-        return {"generated_text": text or "", "finish_reason": choice.get("finish_reason")}
-    if "generated_text" in response:  # TGI: eos_token / stop_sequence / length, as OpenAI names them
-        reason = (response.get("details") or {}).get("finish_reason")
-        finish = {"eos_token": "stop", "stop_sequence": "stop"}.get(str(reason), reason)
-        return {"generated_text": response["generated_text"], "finish_reason": finish}
-    raise DeployError(f"unexpected answer: {json.dumps(response)[:200]}")
-
-
-def invoke(
-    endpoint: str,
-    question: str,
-    *,
-    region: str | None = None,
-    run: str | Path | None = None,
-    raw: bool = False,
-    engine: str | None = None,
-    **overrides: Any,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Send one question to a SageMaker endpoint or a server's URL in its engine's API; returns (request
-    body, answer) with the answer as :func:`answer_of` shapes it (the whole response under ``"response"``)."""
-    if endpoint.startswith(("http://", "https://")):
-        engine = engine or "vllm"  # sftbridge serve speaks both; OpenAI needs no template here
-        folder = ModelFolder.open(run, weights=False) if run else None
-        body = _body(engine, folder, question, None, raw, overrides)
-        response = _post_local(endpoint, body)
-    else:
-        session, region = aws_session(region)
-        tags = _endpoint_tags(session, region, endpoint)
-        engine = engine or tags.get(ENGINE_TAG, "tgi")  # endpoints deployed before vLLM ran TGI
-        if run:
-            folder = ModelFolder.open(run, weights=False)
-        elif engine == "tgi" or RECORD_TAG in tags:
-            folder = ModelFolder.open(_fetch_record(session, region, endpoint, tags), weights=False)
-        else:
-            folder = None
-        body = _body(engine, folder, question, endpoint, raw, overrides)
-        response = _invoke_endpoint(session, region, endpoint, body)
-    return body, {**answer_of(response), "response": response}
-
-
-def _body(
-    engine: str,
-    folder: ModelFolder | None,
-    question: str,
-    model: str | None,
-    raw: bool,
-    overrides: dict[str, Any],
-) -> dict[str, Any]:
-    if engine == "tgi":
-        return payload(folder, question, raw=raw, **overrides)
-    return openai_payload(folder, question, model, raw=raw, **overrides)
-
-
-def _post_local(url: str, body: dict[str, Any]) -> Any:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        url.rstrip("/") + "/invocations",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise DeployError(f"invoke {url}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise DeployError(f"invoke {url}: {exc}") from None
-
-
-def _invoke_endpoint(session: Any, region: str, endpoint: str, body: dict[str, Any]) -> Any:
-    from botocore.exceptions import ClientError
-
-    runtime = session.client("sagemaker-runtime", region_name=region)
-    try:
-        response = runtime.invoke_endpoint(
-            EndpointName=endpoint,
-            Body=json.dumps(body),
-            ContentType="application/json",
-            Accept="application/json",
-        )
-    except ClientError as exc:
-        raise DeployError(f"invoke {endpoint}: {aws_checks.reason(exc)}") from None
-    raw_answer = response["Body"].read()
-    try:
-        return json.loads(raw_answer)
-    except json.JSONDecodeError:
-        raise DeployError(
-            f"invoke {endpoint}: the endpoint answered non-JSON: {raw_answer[:200]!r}"
-        ) from None
-
-
+# ---- undeploy ----------------------------------------------------------------------------------------------
 def undeploy(endpoint: str, *, region: str | None = None) -> list[str]:
     """Delete the endpoint, its endpoint config and its model(s); returns what was deleted."""
     from botocore.exceptions import ClientError

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # FastAPI reads the routes' annotations, so these are module-level imports (the ``serve`` extra).
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -88,13 +88,13 @@ class Engine:
         self.max_total_tokens = int(getattr(config, "max_position_embeddings", 0) or 4096)
         self.prompter = predictor.prompter
 
-    def decoding(self, params: Parameters) -> dict[str, Any]:
-        """Keyword arguments for :meth:`Predictor.generate_details`, TGI's way, defaults from the run."""
+    def decoding(self, params: Parameters, *, openai: bool = False) -> dict[str, Any]:
+        """Keyword arguments for :meth:`Predictor.generate_details`, TGI's way, defaults from the run;
+        ``openai``: refusals name OpenAI's field (``max_tokens``), not TGI's."""
         cap = self.settings.max_new_tokens_cap
         if params.max_new_tokens is not None and params.max_new_tokens > cap:
-            raise RequestError(
-                422, f"parameters.max_new_tokens: must be <= {cap} (got {params.max_new_tokens})"
-            )
+            field = "max_tokens" if openai else "parameters.max_new_tokens"
+            raise RequestError(422, f"{field}: must be <= {cap} (got {params.max_new_tokens})")
         defaults = self.predictor.generation
         decoding: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens or min(defaults.max_new_tokens, cap),
@@ -137,41 +137,25 @@ class Engine:
 
 
 # ---- the application -------------------------------------------------------------------------------------
-def create_app(predictor: Predictor, settings: ServeSettings, source: str = "") -> Any:
-    """The FastAPI application; its lifespan starts and stops the model's worker thread."""
-    engine = Engine(predictor, settings)
-    worker = ModelWorker(
-        predictor,
-        max_batch_size=settings.max_batch_size,
-        batch_window_s=settings.batch_window_s,
-        max_queue=settings.max_queue,
-        request_timeout_s=settings.request_timeout_s,
-    )
-    model_id = source or "sftbridge"
+class Service:
+    """What the routes share: the request engine, the model's worker thread and the settings."""
 
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        worker.start()
-        yield
-        await asyncio.to_thread(worker.stop)  # uvicorn has let the requests in flight finish
-
-    app = FastAPI(title="sftbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker, app.state.engine = worker, engine
-
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "error_type": exc.error_type}, status_code=exc.status)
-
-    @app.exception_handler(HTTPException)
-    async def no_route(request: Request, exc: HTTPException) -> JSONResponse:
-        message = f"{request.method} {request.url.path}: " + (
-            "method not allowed" if exc.status_code == 405 else "no such route"
+    def __init__(self, predictor: Predictor, settings: ServeSettings, source: str = "") -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.engine = Engine(predictor, settings)
+        self.worker = ModelWorker(
+            predictor,
+            max_batch_size=settings.max_batch_size,
+            batch_window_s=settings.batch_window_s,
+            max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
         )
-        return JSONResponse({"error": message, "error_type": "not_found"}, status_code=exc.status_code)
+        self.model_id = source or "sftbridge"
 
-    async def read(request: Request) -> bytes:
+    async def read(self, request: Request) -> bytes:
         """The body, with Content-Length or chunked, at most max_body_bytes (413 beyond)."""
-        limit = settings.max_body_bytes
+        limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is None and "chunked" not in request.headers.get("transfer-encoding", "").lower():
             raise RequestError(411, "a request body with a Content-Length header is required")
@@ -185,21 +169,24 @@ def create_app(predictor: Predictor, settings: ServeSettings, source: str = "") 
         return bytes(data)
 
     async def generate(
-        make_prompt: Callable[[], str], decoding: dict[str, Any]
+        self, make_prompt: Callable[[], str], decoding: dict[str, Any]
     ) -> tuple[str, DetailedGeneration]:
         loop = asyncio.get_running_loop()
         job = Job(make_prompt, decoding, loop, future=loop.create_future())
-        worker.submit(job)
+        self.worker.submit(job)
         assert job.future is not None
         return await job.future
 
     async def stream(
-        make_prompt: Callable[[], str], decoding: dict[str, Any], make_events: Callable[[Any, str], Any]
+        self,
+        make_prompt: Callable[[], str],
+        decoding: dict[str, Any],
+        make_events: Callable[[Any, str], Any],
     ) -> Any:
         """Refusals before the first event are plain JSON; later errors are the stream's last event."""
         loop = asyncio.get_running_loop()
         job = Job(make_prompt, decoding, loop, events=asyncio.Queue())
-        worker.submit(job)
+        self.worker.submit(job)
         assert job.events is not None
         kind, value = await job.events.get()
         if kind == "error":
@@ -229,121 +216,180 @@ def create_app(predictor: Predictor, settings: ServeSettings, source: str = "") 
 
         return StreamingResponse(events(), headers=SSE_HEADERS)
 
-    def tgi_prompt(body: GenerateBody, decoding: dict[str, Any]) -> Callable[[], str]:
-        return lambda: engine.prompt(body, decoding["max_new_tokens"])
+    def tgi_prompt(self, body: GenerateBody, decoding: dict[str, Any]) -> Callable[[], str]:
+        return lambda: self.engine.prompt(body, decoding["max_new_tokens"])
 
-    async def tgi(body: GenerateBody, wrap: bool) -> Any:
-        decoding = engine.decoding(body.parameters)
+    async def tgi(self, body: GenerateBody, wrap: bool) -> Any:
+        decoding = self.engine.decoding(body.parameters)
         if body.stream:
-            return await stream(
-                tgi_prompt(body, decoding),
+            return await self.stream(
+                self.tgi_prompt(body, decoding),
                 decoding,
                 lambda write, prompt: TgiStream(write, body.parameters, prompt),
             )
-        prompt, result = await generate(tgi_prompt(body, decoding), decoding)
+        prompt, result = await self.generate(self.tgi_prompt(body, decoding), decoding)
         answer = generate_response(body.parameters, prompt, result)
         return [answer] if wrap else answer
 
-    async def chat(chat: ChatBody) -> Any:
+    async def chat(self, chat: ChatBody) -> Any:
         body = chat.to_generate()
-        decoding = engine.decoding(body.parameters)
-        model = chat.model or model_id
+        decoding = self.engine.decoding(body.parameters, openai=True)
+        model = chat.model or self.model_id
         if body.stream:
-            return await stream(
-                tgi_prompt(body, decoding),
+            return await self.stream(
+                self.tgi_prompt(body, decoding),
                 decoding,
                 lambda write, prompt: ChatStream(write, model, chat.include_usage),
             )
         answers = await asyncio.gather(
-            *(generate(tgi_prompt(body, decoding), _nth(decoding, i)) for i in range(chat.n))
+            *(self.generate(self.tgi_prompt(body, decoding), _nth(decoding, i)) for i in range(chat.n))
         )
         return chat_response([result for _, result in answers], model, chat.logprobs)
 
-    async def complete(body: CompletionBody) -> Any:
-        decoding = engine.decoding(body.parameters(body.max_tokens or 16, details=True))  # OpenAI's default
-        model = body.model or model_id
+    async def complete(self, body: CompletionBody) -> Any:
+        parameters = body.parameters(body.max_tokens or 16, details=True)  # 16: OpenAI's default
+        decoding = self.engine.decoding(parameters, openai=True)
+        model = body.model or self.model_id
 
         def raw(text: str) -> Callable[[], str]:
-            return lambda: engine.raw(text, decoding["max_new_tokens"])
+            return lambda: self.engine.raw(text, decoding["max_new_tokens"])
 
         if body.stream:
             if len(body.prompts) > 1 or body.n > 1:
                 raise RequestError(422, "streaming takes one prompt and n = 1")
-            return await stream(
+            return await self.stream(
                 raw(body.prompts[0]),
                 decoding,
                 lambda write, prompt: ChatStream(write, model, body.include_usage, completion=True),
             )
         answers = await asyncio.gather(
-            *(generate(raw(text), _nth(decoding, i)) for text in body.prompts for i in range(body.n))
+            *(self.generate(raw(text), _nth(decoding, i)) for text in body.prompts for i in range(body.n))
         )
         results = [answers[k * body.n : (k + 1) * body.n] for k in range(len(body.prompts))]
         return completion_response(
             body.prompts, [[result for _, result in choices] for choices in results], model, body
         )
 
-    # ---- routes
-    @app.get("/ping")
-    @app.get("/health")
-    async def ping() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get("/info")
-    async def info() -> dict[str, Any]:
-        return _info(predictor, engine, settings, model_id)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
-            "id": model_id,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "sftbridge",
-            "root": model_id,
-            "parent": None,
-            "max_model_len": engine.max_total_tokens,
-        }
-        return {"object": "list", "data": [card]}
-
-    @app.post("/")
-    async def compat(request: Request) -> Any:
-        return await tgi(parse_body(await read(request), GenerateBody), wrap=True)
-
-    @app.post("/invocations")
-    async def invocations(request: Request) -> Any:
-        """SageMaker's route: a TGI body (``inputs``/``parameters``), else OpenAI's, as vLLM's image does."""
-        raw = await read(request)
-        try:
-            keys = set(json.loads(raw)) if raw.lstrip().startswith(b"{") else set()
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            keys = set()
-        if not keys & {"inputs", "parameters"} and "messages" in keys:
-            return await chat(parse_body(raw, ChatBody))
-        if not keys & {"inputs", "parameters"} and "prompt" in keys:
-            return await complete(parse_body(raw, CompletionBody))
-        return await tgi(parse_body(raw, GenerateBody), wrap=True)
-
-    @app.post("/generate")
-    async def generate_route(request: Request) -> Any:
-        body = parse_body(await read(request), GenerateBody)
-        body.stream = False
-        return await tgi(body, wrap=False)
-
-    @app.post("/generate_stream")
-    async def generate_stream(request: Request) -> Any:
-        body = parse_body(await read(request), GenerateBody)
-        body.stream = True
-        return await tgi(body, wrap=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_route(request: Request) -> Any:
-        return await chat(parse_body(await read(request), ChatBody))
-
-    @app.post("/v1/completions")
-    async def completions_route(request: Request) -> Any:
-        return await complete(parse_body(await read(request), CompletionBody))
-
+def create_app(predictor: Predictor, settings: ServeSettings, source: str = "") -> Any:
+    """The FastAPI application over the routes below; its lifespan starts and stops the model's worker."""
+    service = Service(predictor, settings, source)
+    app = FastAPI(title="sftbridge", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service, app.state.worker = service, service.worker
+    app.add_exception_handler(RequestError, _refused)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _no_route)  # type: ignore[arg-type]
+    app.include_router(routes)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: Any) -> AsyncIterator[None]:
+    worker: ModelWorker = app.state.worker
+    worker.start()
+    yield
+    await asyncio.to_thread(worker.stop)  # uvicorn has let the requests in flight finish
+
+
+async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+    """A refusal in the shape the client's API expects: OpenAI's on its routes (and on /invocations given an
+    OpenAI body), TGI's elsewhere."""
+    if getattr(request.state, "openai", False) or request.url.path.startswith("/v1/"):
+        return JSONResponse(exc.openai(), status_code=exc.openai_status)
+    return JSONResponse(exc.tgi(), status_code=exc.status)
+
+
+async def _no_route(request: Request, exc: HTTPException) -> JSONResponse:
+    message = f"{request.method} {request.url.path}: " + (
+        "method not allowed" if exc.status_code == 405 else "no such route"
+    )
+    return await _refused(request, RequestError(exc.status_code, message, "not_found"))
+
+
+# ---- the routes ------------------------------------------------------------------------------------------
+routes = APIRouter()
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+@routes.get("/ping")
+@routes.get("/health")
+async def ping() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@routes.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    return _info(_service(request))
+
+
+@routes.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    card = {
+        "id": service.model_id,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "sftbridge",
+        "root": service.model_id,
+        "parent": None,
+        "max_model_len": service.engine.max_total_tokens,
+    }
+    return {"object": "list", "data": [card]}
+
+
+@routes.post("/")
+async def compat(request: Request) -> Any:
+    service = _service(request)
+    return await service.tgi(parse_body(await service.read(request), GenerateBody), wrap=True)
+
+
+@routes.post("/invocations")
+async def invocations(request: Request) -> Any:
+    """SageMaker's route: a TGI body (``inputs``/``parameters``), else OpenAI's, as vLLM's image does."""
+    service = _service(request)
+    raw = await service.read(request)
+    try:
+        keys = set(json.loads(raw)) if raw.lstrip().startswith(b"{") else set()
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        keys = set()
+    if not keys & {"inputs", "parameters"} and "messages" in keys:
+        request.state.openai = True
+        return await service.chat(parse_body(raw, ChatBody))
+    if not keys & {"inputs", "parameters"} and "prompt" in keys:
+        request.state.openai = True
+        return await service.complete(parse_body(raw, CompletionBody))
+    return await service.tgi(parse_body(raw, GenerateBody), wrap=True)
+
+
+@routes.post("/generate")
+async def generate(request: Request) -> Any:
+    service = _service(request)
+    body = parse_body(await service.read(request), GenerateBody)
+    body.stream = False
+    return await service.tgi(body, wrap=False)
+
+
+@routes.post("/generate_stream")
+async def generate_stream(request: Request) -> Any:
+    service = _service(request)
+    body = parse_body(await service.read(request), GenerateBody)
+    body.stream = True
+    return await service.tgi(body, wrap=False)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    service = _service(request)
+    return await service.chat(parse_body(await service.read(request), ChatBody))
+
+
+@routes.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    service = _service(request)
+    return await service.complete(parse_body(await service.read(request), CompletionBody))
 
 
 def _nth(decoding: dict[str, Any], i: int) -> dict[str, Any]:
@@ -353,11 +399,12 @@ def _nth(decoding: dict[str, Any], i: int) -> dict[str, Any]:
     return {**decoding, "seed": None if decoding["seed"] is None else decoding["seed"] + i}
 
 
-def _info(predictor: Predictor, engine: Engine, settings: ServeSettings, model_id: str) -> dict[str, Any]:
+def _info(service: Service) -> dict[str, Any]:
     """TGI's /info fields that apply, plus what this endpoint serves."""
+    predictor, settings, model_id = service.predictor, service.settings, service.model_id
     model = predictor.model
     parameter = next(model.parameters(), None)
-    total = engine.max_total_tokens
+    total = service.engine.max_total_tokens
     return {
         "model_id": model_id,
         "model_sha": None,
@@ -396,25 +443,37 @@ def _version() -> str | None:
 
 
 # ---- running it ------------------------------------------------------------------------------------------
+def listen(settings: ServeSettings) -> socket.socket:
+    """A socket bound and listening on the settings' host and port (OSError if it cannot be): ``serve``
+    binds it before the model loads, so a taken port is said at once."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((settings.host, settings.port))
+        listener.listen(BACKLOG)  # from now on connections wait for uvicorn, none is refused
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 class LocalServer:
     """uvicorn serving the app on a socket bound at construction (port 0 picks a free one: see ``url``)."""
 
     def __init__(
-        self, predictor: Predictor, settings: ServeSettings, source: str = "", log_config: Any = None
+        self,
+        predictor: Predictor,
+        settings: ServeSettings,
+        source: str = "",
+        log_config: Any = None,
+        listener: socket.socket | None = None,
     ) -> None:
         import uvicorn
 
         self.settings = settings
         self.app = create_app(predictor, settings, source)
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((settings.host, settings.port))
-            self.socket.listen(BACKLOG)  # from now on connections wait for uvicorn, none is refused
-        except OSError:
-            self.socket.close()
-            raise
+        self.socket = listener or listen(settings)
         self.server_address = self.socket.getsockname()[:2]
         config = uvicorn.Config(
             self.app,

@@ -70,6 +70,60 @@ def _base_of(folder: ModelFolder) -> str:
     return str(resolve_builtin(name)) if name == BUILTIN_TINY_MODEL else name
 
 
+def launch_options(
+    folder: ModelFolder,
+    *,
+    merged: bool,
+    name: str,
+    model: str,
+    weights: str,
+    chat_template: str,
+    revision: str | None = None,
+) -> dict[str, str]:
+    """The one recipe for serving a folder with vLLM, as ``vllm serve`` option -> value ("" for a bare flag).
+
+    ``merged`` weights (a merged folder, or a run merged on the way) are the model, served as ``name``.
+    Otherwise the run's base is the model, served as ``name-base``, with the adapter as the LoRA module
+    ``name``. ``model`` and ``weights`` are where the base (or merged model)
+    and the adapter are on the machine vLLM runs on; ``sftbridge serve --engine vllm`` makes them a command
+    line (:func:`as_command`), ``deploy`` the SageMaker image's ``SM_VLLM_*`` variables
+    (:func:`as_sagemaker_environment`)."""
+    if folder.qlora and not merged:
+        raise UserError(
+            f"{folder.path} is a QLoRA run: vLLM serves its adapter on the 16-bit base only after "
+            f"`sftbridge merge {folder.path} --out MERGED`; serve or deploy MERGED"
+        )
+    if merged:
+        return {"model": model, "served-model-name": name, "chat-template": chat_template}
+    options = {
+        "model": model,
+        "served-model-name": f"{name}-base",
+        "enable-lora": "",
+        "lora-modules": f"{name}={weights}",
+        "max-lora-rank": str(max(folder.adapter_rank, 8)),  # vLLM's smallest supported rank bucket is 8
+        "tokenizer": weights,  # the run's tokenizer, saved beside the adapter (a pad token it may have added)
+        "chat-template": chat_template,
+    }
+    if revision:
+        options["revision"] = revision
+    return options
+
+
+def as_command(options: dict[str, str]) -> list[str]:
+    """``vllm serve MODEL --option value ...`` (a bare flag for an empty value)."""
+    rest = {key: value for key, value in options.items() if key != "model"}
+    flags = [item for key, value in rest.items() for item in (f"--{key}", value) if item]
+    return ["vllm", "serve", options["model"], *flags]
+
+
+def as_sagemaker_environment(options: dict[str, str]) -> dict[str, str]:
+    """The Hugging Face vLLM image's ``SM_VLLM_*`` variables. Its entrypoint (aws/deep-learning-containers
+    ``vllm/build_artifacts/sagemaker_entrypoint.sh``, and vLLM's ``examples/online_serving/
+    sagemaker-entrypoint.sh``) turns each back into a flag: the prefix dropped, lower case, ``_`` to ``-``,
+    the value appended only when non-empty."""
+    return {"SM_VLLM_" + key.upper().replace("-", "_"): value for key, value in options.items()}
+
+
 def serve_command(
     folder: ModelFolder,
     *,
@@ -78,10 +132,8 @@ def serve_command(
     name: str | None = None,
     extra: list[str] | None = None,
 ) -> list[str]:
-    """``vllm serve`` for a run directory (base + adapter as a LoRA module) or a merged folder.
-
-    The chat template goes to a file in sftbridge's cache, named by its hash.
-    """
+    """``vllm serve`` on this machine for a run directory (base + adapter as a LoRA module) or a merged
+    folder. The chat template goes to a file in sftbridge's cache, named by its hash."""
     from sftbridge.models.builtin import cache_root
 
     source = folder.path.resolve()
@@ -90,29 +142,13 @@ def serve_command(
     template_file = cache_root() / "chat-templates" / f"{digest}.jinja"
     template_file.parent.mkdir(parents=True, exist_ok=True)
     template_file.write_text(template, encoding="utf-8")
-    name = name or source.name
-    common = ["--host", host, "--port", str(port), "--chat-template", str(template_file)]
-    if folder.is_merged:
-        return ["vllm", "serve", str(source), "--served-model-name", name, *common, *(extra or [])]
-    if folder.qlora:
-        raise UserError(
-            f"{source} is a QLoRA run: vLLM serves its adapter on the 16-bit base only after "
-            f"`sftbridge merge {source} --out MERGED`; then `sftbridge serve MERGED --engine vllm`"
-        )
-    adapter = source / ADAPTER
-    return [
-        "vllm",
-        "serve",
-        _base_of(folder),
-        "--served-model-name",
-        f"{name}-base",
-        "--enable-lora",
-        "--lora-modules",
-        f"{name}={adapter}",
-        "--max-lora-rank",
-        str(max(folder.adapter_rank, 8)),  # vLLM's smallest supported rank bucket is 8
-        "--tokenizer",
-        str(adapter),  # the run's tokenizer (a pad token or template it may have added)
-        *common,
-        *(extra or []),
-    ]
+    options = launch_options(
+        folder,
+        merged=folder.is_merged,
+        name=name or source.name,
+        model=str(source) if folder.is_merged else _base_of(folder),
+        weights=str(source / ADAPTER),
+        chat_template=str(template_file),
+        revision=None if folder.is_merged else folder.run_config.model.revision,
+    )
+    return [*as_command(options), "--host", host, "--port", str(port), *(extra or [])]

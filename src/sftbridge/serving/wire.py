@@ -56,6 +56,25 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.error_type = status, error_type
 
+    def tgi(self) -> dict[str, Any]:
+        """TGI's error body: ``{"error": message, "error_type": kind}``."""
+        return {"error": str(self), "error_type": self.error_type}
+
+    @property
+    def openai_status(self) -> int:
+        """OpenAI's (and vLLM's) status: a request it cannot take is a 400, not TGI's 422."""
+        return 400 if self.status == 422 else self.status
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's error body, as its client reads it: ``{"error": {"message", "type", "param", "code"}}``;
+        ``param`` is the field a validation message starts with (``max_tokens: ...``)."""
+        message = str(self)
+        head = message.split(":", 1)[0]
+        param = head if ":" in message and head and " " not in head else None
+        kind = {429: "rate_limit_error", 404: "not_found_error"}.get(self.status)
+        kind = kind or ("invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": message, "type": kind, "param": param, "code": self.openai_status}}
+
 
 # ---- request bodies ------------------------------------------------------------------------------------
 class _Body(BaseModel):
@@ -425,7 +444,7 @@ class TgiStream:
         )
 
     def error(self, error: RequestError) -> None:
-        self.write(_sse({"error": str(error), "error_type": error.error_type}))
+        self.write(_sse(error.tgi()))
 
 
 class ChatStream:
@@ -481,4 +500,4 @@ class ChatStream:
         self.write(_sse(b"[DONE]", b"data: "))
 
     def error(self, error: RequestError) -> None:
-        self.write(_sse({"error": str(error), "error_type": error.error_type}, b"data: "))
+        self.write(_sse(error.openai(), b"data: "))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from sftbridge.errors import ConfigError
-from sftbridge.inference.evaluate import Case, score
+from sftbridge.inference.evaluate import Case, answer_tokens, score
 from sftbridge.inference.predictor import Predictor
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class AnswerMetrics(TrainerCallback):
         for record in sample.records:
             *history, answer = to_example(record, prompt_format).messages or []
             self.cases.append(Case(record.where, self.predictor.prompt(history), answer["content"].strip()))
-        lengths = [len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in self.cases]
+        lengths = [answer_tokens(tokenizer, c.reference) for c in self.cases]
         self.reference_tokens = sum(lengths) / len(lengths)
         self.max_new_tokens = 2 * max(lengths) + 1  # + 1: room for EOS after an answer twice the longest
         self.steps: list[int] = []
@@ -188,7 +188,10 @@ class AnswerMetrics(TrainerCallback):
                     )
         finally:
             model.train(was_training)
-        figures = {KEYS[name]: value for name, value in score(self.cases, generations).items()}
+        figures = {
+            KEYS[name]: value
+            for name, value in score(self.cases, generations, self.predictor.tokenizer).items()
+        }
         figures[REFERENCE_TOKENS] = self.reference_tokens
         return figures
 
