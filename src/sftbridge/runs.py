@@ -220,15 +220,18 @@ class MetricsLog:
             handle.write(redact(json.dumps(record)) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        """Every complete line; a last line cut short by a kill is skipped."""
+        """Every complete line, as a dict; a line cut short by a kill (or not a JSON object) is skipped, and a
+        missing file reads as no lines: a run may be read while it trains, or after it crashed."""
         if not self.path.is_file():
             return []
         records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except ValueError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
         return records
 
     def restart_at(self, step: int) -> None:

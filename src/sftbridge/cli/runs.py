@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.errors import RunDirError
-from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS
+from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MetricsLog
 
 EVAL_METRICS = ("exact_match", "contains", "mean_answer_tokens", "eos_rate")
 COLUMNS = (
@@ -96,7 +96,7 @@ def summarize(path: Path) -> RunSummary:
         summary.global_step = metrics.get("global_step")
         summary.backend = (manifest.get("backend") or {}).get("name")
         summary.data_sha256 = (manifest.get("data") or {}).get("sha256") or {}
-    logs = _metrics(path / METRICS)
+    logs = MetricsLog(path / METRICS).read()
     losses = [row["loss"] for row in logs if isinstance(row.get("loss"), int | float)]
     summary.final_loss = losses[-1] if losses else None
     if summary.eval_loss is None:
@@ -131,21 +131,6 @@ def _yaml(path: Path) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return loaded if isinstance(loaded, dict) else None
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of metrics.jsonl; a line cut short by a crash is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _evaluation(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:

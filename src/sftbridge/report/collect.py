@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftbridge.runs import ADAPTER, METRICS, load_manifest
+from sftbridge.runs import ADAPTER, METRICS, MetricsLog, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,7 @@ def is_curve(key: str) -> bool:
 def read_curves(path: Path) -> dict[str, list[tuple[float, float]]]:
     """metric -> [(step, value)] from metrics.jsonl; a step logged twice keeps its last value."""
     points: dict[str, dict[float, float]] = {}
-    if not path.is_file():
-        return {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
+    for row in MetricsLog(path).read():
         step = row.get("step")
         if not isinstance(step, int | float):
             continue
