@@ -243,3 +243,19 @@ class MetricsLog:
         partial = self.path.with_name(self.path.name + ".tmp")
         partial.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         partial.replace(self.path)
+
+
+def evaluation_path(run_dir: Path, data_file: str | Path) -> Path:
+    """Where ``sftbridge eval`` writes its summary of ``data_file`` in a run folder by default."""
+    return Path(run_dir) / f"eval-{Path(data_file).stem}.json"
+
+
+def evaluation_files(run_dir: Path) -> list[Path]:
+    """The files of a run folder that may be ``sftbridge eval`` summaries (``eval*.json``), by name: keep
+    those whose body ``is_evaluation``. Their ``eval-<data>-predictions.jsonl`` files are not matched."""
+    return sorted(Path(run_dir).glob("eval*.json"))
+
+
+def is_evaluation(body: Any) -> bool:
+    """Whether a decoded JSON file is an ``sftbridge eval`` summary: an object with the adapter's results."""
+    return isinstance(body, dict) and isinstance(body.get("adapter"), dict)

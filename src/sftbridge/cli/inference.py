@@ -67,6 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sftbridge.errors import DataError
     from sftbridge.inference.evaluate import evaluate, format_table, load_cases, write_results
     from sftbridge.inference.opening import check_model_folder, open_predictor
+    from sftbridge.runs import evaluation_path
 
     # A run or a merged folder, checked before anything heavy loads; a merged one has no config: pass --data.
     test_file = args.data or check_model_folder(args.run).get("config", {}).get("data", {}).get("test_file")
@@ -84,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"data": str(test_file), "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result}
     print(f"{test_file}:")
     print(format_table(result))
-    summary = args.json_out or Path(args.run) / f"eval-{Path(test_file).stem}.json"
+    summary = args.json_out or evaluation_path(args.run, test_file)
     predictions = write_results(result, summary)
     print(f"summary: {summary}\npredictions: {predictions}")
     _refresh_report(Path(args.run), summary)

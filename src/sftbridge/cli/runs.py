@@ -2,8 +2,9 @@
 
 Everything is read from what a run folder holds: the manifest (``sftbridge.json``), ``metrics.jsonl`` (it
 grows while a run trains), the resolved ``config.yaml``, and an evaluation summary if ``sftbridge eval`` wrote
-one (any JSON in the folder shaped like ``{"adapter": {"exact_match": ..., "eos_rate": ...}, ...}``). A folder
-that never finished (no ``COMPLETE``, or still ``.<name>.partial``) is listed as unfinished with what it has.
+one (``runs.evaluation_files``: an ``eval*.json`` shaped like ``{"adapter": {"exact_match": ...}, ...}``).
+A folder that never finished (no ``COMPLETE``, or still ``.<name>.partial``) is listed as unfinished with
+what it has.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.errors import RunDirError
-from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MetricsLog
+from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MetricsLog, evaluation_files, is_evaluation
 
 EVAL_METRICS = ("exact_match", "contains", "mean_answer_tokens", "eos_rate")
 COLUMNS = (
@@ -136,15 +137,9 @@ def _yaml(path: Path) -> dict[str, Any] | None:
 def _evaluation(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """The run's evaluation summary: the one of its data.test_file if there is one, else the newest."""
     found = []
-    for candidate in sorted(path.glob("*.json")):
-        if candidate.name == MANIFEST:
-            continue
+    for candidate in evaluation_files(path):
         body = _json(candidate)
-        if (
-            isinstance(body, dict)
-            and isinstance(body.get("adapter"), dict)
-            and "exact_match" in body["adapter"]
-        ):
+        if is_evaluation(body):
             found.append((candidate, body))
     if not found:
         return {}, None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftbridge.runs import ADAPTER, METRICS, MetricsLog, load_manifest
+from sftbridge.runs import ADAPTER, METRICS, MetricsLog, evaluation_files, is_evaluation, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def collect(
 ) -> ReportData:
     run_dir = Path(run_dir)
     manifest = manifest if manifest is not None else load_manifest(run_dir)
-    summaries = sorted(run_dir.glob("eval*.json"))
+    summaries = evaluation_files(run_dir)
     summaries += [p for p in map(Path, extra_evals) if p.resolve() not in {s.resolve() for s in summaries}]
     data = ReportData(
         run_dir=run_dir,
@@ -106,7 +106,7 @@ def read_evaluation(path: Path) -> Evaluation | None:
     except (OSError, json.JSONDecodeError) as exc:
         log.warning("%s: not an evaluation summary (%s)", path, exc)
         return None
-    if not isinstance(summary, dict) or "adapter" not in summary:
+    if not is_evaluation(summary):
         return None
     predictions: list[dict[str, Any]] = []
     if summary.get("predictions_file"):
