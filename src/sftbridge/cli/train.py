@@ -105,20 +105,16 @@ def check_capabilities(args: argparse.Namespace, backend: Backend) -> None:
 def cmd_preview(args: argparse.Namespace) -> int:
     from sftbridge.backends import options_model
     from sftbridge.config import load_config
-    from sftbridge.data.formatting import resolve_chat_format
-    from sftbridge.data.loading import encode_split, load_data
+    from sftbridge.data.encoding import encode
+    from sftbridge.data.loading import load_data
     from sftbridge.models.loading import load_tokenizer
 
     config = load_config(args.config, args.overrides, options_model=options_model)
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
-    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
-    prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
-    records = data.train[: args.n]
-    encoded, _ = encode_split(
-        records, prompt_format, tokenizer, config.data.max_length, config.data.over_length
-    )
-    for record, item in zip(records, encoded, strict=False):
+    encoded = encode(data, config.data, tokenizer, ("train",), limit=args.n)
+    prompt_format = encoded.prompt_format
+    for record, item in zip(data.train, encoded.splits["train"], strict=False):
         if args.json:
             print(
                 json.dumps(
@@ -135,7 +131,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         trained = sum(label >= 0 for label in item.labels)
         print(
             f"── {record.where} · {len(item.input_ids)} tokens, {trained} trained "
-            f"({prompt_format.format}, {chat_format}) ──"
+            f"({prompt_format.format}, {prompt_format.chat_format}) ──"
         )
         print(mark_spans(item.text, item.trained_spans))
     if not args.json:

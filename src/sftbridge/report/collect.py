@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftbridge.data.encoding import Lengths
 from sftbridge.runs import ADAPTER, METRICS, MetricsLog, evaluation_files, is_evaluation, load_manifest
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,6 @@ class Evaluation:
     path: Path
     summary: dict[str, Any]
     predictions: list[dict[str, Any]]
-
-
-@dataclass
-class Lengths:
-    """Token counts of one data split, rendered exactly as training renders it."""
-
-    total: list[int]  # prompt + answer tokens per example
-    answer: list[int]  # trained tokens per example
-
-    def stats(self, which: str) -> dict[str, float]:
-        values = sorted(getattr(self, which))
-        return {
-            "min": values[0],
-            "median": statistics.median(values),
-            "mean": statistics.fmean(values),
-            "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
-            "max": values[-1],
-        }
 
 
 @dataclass
@@ -148,8 +131,9 @@ def data_lengths(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Lengths]:
     from transformers import AutoTokenizer
 
     from sftbridge.config import RunConfig
-    from sftbridge.data.formatting import IGNORE_INDEX, PromptFormat
-    from sftbridge.data.loading import load_data, to_example
+    from sftbridge.data.encoding import encode
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.loading import load_data
 
     config = RunConfig.model_validate(manifest["config"])
     loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
@@ -158,13 +142,12 @@ def data_lengths(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Lengths]:
     if changed:
         raise ValueError(f"{', '.join(changed)} changed since the run (sha256 differs)")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-    fmt = PromptFormat.from_dict(manifest["prompt_format"])
-    lengths = {}
-    for split, records in (("train", loaded.train), ("validation", loaded.validation)):
-        encoded = [fmt.encode(tokenizer, to_example(record, fmt)) for record in records]
-        if encoded:
-            lengths[split] = Lengths(
-                [len(e.input_ids) for e in encoded],
-                [sum(x != IGNORE_INDEX for x in e.labels) for e in encoded],
-            )
-    return lengths
+    encoded = encode(
+        loaded,
+        config.data,
+        tokenizer,
+        ("train", "validation"),
+        prompt_format=PromptFormat.from_dict(manifest["prompt_format"]),
+        max_length=sys.maxsize,  # every example at its full length: the histogram marks data.max_length
+    )
+    return {split: Lengths.of(examples) for split, examples in encoded.splits.items() if examples}

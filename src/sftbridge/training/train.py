@@ -112,22 +112,20 @@ def encode_data(config: RunConfig, data: LoadedData, tokenizer: Any) -> Training
     Only Arrow tables leave this function: the Python copies (records, texts, token lists) are not held in RAM
     beside the model for the whole run.
     """
-    from sftbridge.data.formatting import resolve_chat_format
-    from sftbridge.data.loading import encode_split
+    from sftbridge.data.encoding import encode
 
-    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
-    prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
-    policy, max_length = config.data.over_length, config.data.max_length
-    train_set, train_report = encode_split(data.train, prompt_format, tokenizer, max_length, policy)
-    eval_set, eval_report = encode_split(data.validation, prompt_format, tokenizer, max_length, policy)
+    encoded = encode(data, config.data, tokenizer, ("train", "validation"))
+    prompt_format = encoded.prompt_format
+    train_set, eval_set = encoded.splits["train"], encoded.splits["validation"]
     if not train_set:
+        policy = config.data.over_length
         raise DataError(f"{config.data.train_file}: no training example left after data.over_length={policy}")
     log.info(
         "data: %d train / %d validation examples (%s, %s)",
         len(train_set),
         len(eval_set),
         prompt_format.format,
-        chat_format,
+        prompt_format.chat_format,
     )
     do_eval = bool(eval_set) and config.train.eval_strategy != "no"
     return TrainingData(
@@ -137,8 +135,8 @@ def encode_data(config: RunConfig, data: LoadedData, tokenizer: Any) -> Training
         record={
             "sha256": data.sha256,
             "template_source": data.template_source,
-            "train": train_report.to_dict(),
-            "validation": eval_report.to_dict(),
+            "train": encoded.reports["train"].to_dict(),
+            "validation": encoded.reports["validation"].to_dict(),
         },
     )
 
