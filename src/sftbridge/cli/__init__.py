@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Before any command imports a library: the CLI owns its output (see sftbridge.output).
     configure_output(getattr(args, "verbose", False) or verbose_from_env())
-    from sftbridge.errors import UserError
+    from sftbridge.errors import UserError, print_error
 
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside training (which handles it itself): no traceback
         print("interrupted", file=sys.stderr)

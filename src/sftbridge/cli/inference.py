@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.run}: the run's config has no data.test_file; pass --data FILE")
     predictor, merged = open_predictor(args.run, device=args.device)
     cases = load_cases(Path(test_file), predictor)[: args.limit]
-    progress = Progress(sys.stderr)
+    progress = EvalProgress(sys.stderr)
     try:
         result = evaluate(
             predictor, cases, batch_size=args.batch_size, base=not (args.no_base or merged), progress=progress
@@ -102,8 +102,11 @@ def _refresh_report(run: Path, summary: Path) -> None:
         print(f"warning: the report was not refreshed: {exc}", file=sys.stderr)
 
 
-class Progress:
-    """Evaluation progress on stderr: a bar per stage on a terminal; piped, a line every ~10% of a stage."""
+class EvalProgress:
+    """Evaluation progress on stderr: a bar per stage on a terminal; piped, a line every ~10% of a stage.
+
+    Not ``training.progress.Progress``: that one is a trainer callback that also writes ``metrics.jsonl``;
+    this one is the ``progress(stage, done, total)`` callable ``inference.evaluate`` reports to."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sftbridge.backends import get_backend, options_model
     from sftbridge.config import load_config
     from sftbridge.data.loading import load_data
+    from sftbridge.errors import print_error
 
     overrides = list(args.overrides)
     if args.backend:
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if code in (130, 143):  # stopped by SIGINT/SIGTERM: the job printed where it stopped and how to resume
         return code
     if code != 0:
-        print(f"error: training failed ({job.status()})", file=sys.stderr)
+        print_error(f"training failed ({job.status()})")
         return code
     print(f"run directory: {job.fetch()}")
     return 0

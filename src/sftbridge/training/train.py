@@ -30,7 +30,7 @@ from sftbridge.config import (
     parse_value,
     set_dotted,
 )
-from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
+from sftbridge.errors import ConfigError, DataError, Interrupted, UserError, print_error
 from sftbridge.runs import (
     ADAPTER,
     CHECKPOINT_PATTERN,
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         config, run_dir = resolve_config(argv, SageMakerEnv.from_environ())
         out = train(config, run_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return exc.exit_code
     except Interrupted as exc:
         if not supervised:
