@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftbridge import environment
 from sftbridge.config import (
     RunConfig,
     deep_merge,
@@ -89,7 +90,7 @@ def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig
         run_dir = Path(args.run_dir)
     elif env.model_dir is not None:
         run_dir = env.model_dir
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif environment.world_size() > 1:
         raise ConfigError("under torchrun every process must agree on the run folder: pass --run-dir")
     else:
         run_dir = default_run_dir(args.runs_root, config.run_name)
@@ -375,13 +376,13 @@ def describe_run(
         "versions": library_versions(),
         "git": git_state(),
         "backend": {
-            "name": os.environ.get("SFTBRIDGE_BACKEND", "direct"),
-            "job_id": os.environ.get("SFTBRIDGE_JOB_ID"),
+            "name": os.environ.get(environment.BACKEND, "direct"),
+            "job_id": os.environ.get(environment.JOB_ID),
         },
         "device": {
             "type": device,
             "precision": precision,
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "world_size": environment.world_size(),
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         },
     }
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Until training starts (and its step-boundary handler takes over), SIGTERM stops at once like Ctrl-C.
     signal.signal(signal.SIGTERM, _stop_now)
-    supervised = os.environ.get("SFTBRIDGE_SUPERVISED") == "1"  # `sftbridge train` prints the outcome
+    supervised = environment.is_supervised()  # `sftbridge train` prints the outcome
     run_dir = None
     try:
         config, run_dir = resolve_config(argv, SageMakerEnv.from_environ())
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         if not supervised:
             print(f"interrupted by {signal.Signals(signum).name}: stopped at once", file=sys.stderr)
         return 128 + signum
-    if int(os.environ.get("RANK", "0")) == 0 and not supervised:
+    if environment.rank() == 0 and not supervised:
         print(f"run directory: {out}")
     return 0
 
