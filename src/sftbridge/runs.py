@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sftbridge import __version__
 from sftbridge.errors import RunDirError, UserError
 
 MANIFEST = "sftbridge.json"
@@ -161,9 +162,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version(), "sftbridge": __version__}
     for name in (
-        "sftbridge",
         "torch",
         "transformers",
         "peft",

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from sftbridge import __version__
+
 DESCRIPTION = (
     "LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker. "
     "Config keys: sftbridge config show; a starter config: sftbridge config init."
@@ -75,7 +77,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     (defining all ~90 arguments was most of the time of ``sftbridge --help``)."""
     parser = argparse.ArgumentParser(prog="sftbridge", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-    parser.add_argument("--version", action=_Version, help="print sftbridge's version and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"sftbridge {__version__}",
+        help="print sftbridge's version and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_line) in COMMANDS.items():
         command = commands.add_parser(name, help=help_line, description=help_line)
@@ -91,20 +98,3 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _command_in(argv: list[str]) -> str:
     """The command argv names: its first word that is not an option (the top level has only flags)."""
     return next((word for word in argv if not word.startswith("-")), "")
-
-
-class _Version(argparse.Action):
-    """``--version``: the installed distribution's version, looked up only when asked for."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs["help"]))
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        from importlib import metadata
-
-        try:
-            version = metadata.version("sftbridge")
-        except metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"sftbridge {version}")
-        parser.exit()
