@@ -36,6 +36,7 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "pydantic", "yaml",
                 "sftbridge",
                 "sftbridge.cli",
                 "sftbridge.cli.plan",
+                "sftbridge.cli.options",
                 "sftbridge.planning.estimate",
                 "sftbridge.errors",
             }

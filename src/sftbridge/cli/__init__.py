@@ -17,7 +17,7 @@ DESCRIPTION = (
     "Config keys: sftbridge config show; a starter config: sftbridge config init."
 )
 VERBOSE_HELP = "log progress and show the libraries' warnings (also: SFTBRIDGE_VERBOSE=1)"
-# command: (module with `add_arguments(command, parser)`, one-line help)
+# command: (the module defining `<command>_arguments(parser)`, one-line help)
 COMMANDS = {
     "train": ("sftbridge.cli.train", "fine-tune from a YAML config"),
     "preview": ("sftbridge.cli.train", "show training examples exactly as the model sees them"),
@@ -76,7 +76,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI; with ``only``, every other command is listed with its help line but gets no arguments
     (defining all ~90 arguments was most of the time of ``sftbridge --help``)."""
     parser = argparse.ArgumentParser(prog="sftbridge", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    add_verbose(parser, default=False)
     parser.add_argument(
         "--version",
         action="version",
@@ -87,12 +87,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_line) in COMMANDS.items():
         command = commands.add_parser(name, help=help_line, description=help_line)
         # `sftbridge train CONFIG -v` works as well as `sftbridge -v train CONFIG`.
-        command.add_argument(
-            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
-        )
+        add_verbose(command, default=argparse.SUPPRESS)
         if only is None or name == only:
-            importlib.import_module(module).add_arguments(name, command)
+            getattr(importlib.import_module(module), f"{name}_arguments")(command)
     return parser
+
+
+def add_verbose(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """``-v``; a command's own ``-v`` defaults to SUPPRESS so as not to reset one given before the command."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help=VERBOSE_HELP)
 
 
 def _command_in(argv: list[str]) -> str:

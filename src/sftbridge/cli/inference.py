@@ -8,31 +8,36 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from sftbridge.cli.options import add_device, add_run
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, help="run directory")
-    if command == "generate":
-        parser.add_argument("question", nargs="+", help="one or more questions")
-        parser.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
-        parser.add_argument("--max-new-tokens", type=int)
-        parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-        parser.add_argument("--top-p", type=float)
-        parser.add_argument("--show-prompt", action="store_true", help="print the formatted prompt too")
-        parser.set_defaults(func=cmd_generate)
-    elif command == "eval":
-        parser.add_argument("--data", type=Path, help="JSONL test file (default: the run's data.test_file)")
-        parser.add_argument(
-            "--json",
-            type=Path,
-            dest="json_out",
-            help="write the metrics to this JSON file and every prediction to OUT's stem + "
-            "-predictions.jsonl beside it (default: RUN/eval-<data file stem>.json)",
-        )
-        parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--no-base", action="store_true", help="skip the base model")
-        parser.set_defaults(func=cmd_eval)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+def generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser)
+    parser.add_argument("question", nargs="+", help="one or more questions")
+    parser.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--show-prompt", action="store_true", help="print the formatted prompt too")
+    add_device(parser)
+    parser.set_defaults(func=cmd_generate)
+
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser)
+    parser.add_argument("--data", type=Path, help="JSONL test file (default: the run's data.test_file)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        dest="json_out",
+        help="write the metrics to this JSON file and every prediction to OUT's stem + "
+        "-predictions.jsonl beside it (default: RUN/eval-<data file stem>.json)",
+    )
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-base", action="store_true", help="skip the base model")
+    add_device(parser)
+    parser.set_defaults(func=cmd_eval)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

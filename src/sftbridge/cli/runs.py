@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sftbridge.cli.options import add_json
 from sftbridge.errors import RunDirError
 from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MetricsLog, evaluation_files, is_evaluation
 
@@ -34,18 +35,19 @@ COLUMNS = (
 )
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    if command == "runs":
-        parser.add_argument(
-            "dir", nargs="?", type=Path, default=Path("runs"), help="folder of runs (default: runs)"
-        )
-        parser.add_argument("--json", action="store_true", help="one JSON object per run, in a list")
-        parser.set_defaults(func=cmd_runs)
-    else:
-        parser.add_argument("run_a", type=Path, metavar="RUN_A")
-        parser.add_argument("run_b", type=Path, metavar="RUN_B")
-        parser.add_argument("--json", action="store_true", help="print the differences as JSON")
-        parser.set_defaults(func=cmd_compare)
+def runs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dir", nargs="?", type=Path, default=Path("runs"), help="folder of runs (default: runs)"
+    )
+    add_json(parser, "one JSON object per run, in a list")
+    parser.set_defaults(func=cmd_runs)
+
+
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_a", type=Path, metavar="RUN_A")
+    parser.add_argument("run_b", type=Path, metavar="RUN_B")
+    add_json(parser, "print the differences as JSON")
+    parser.set_defaults(func=cmd_compare)
 
 
 @dataclass

@@ -7,40 +7,41 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sftbridge.cli.options import add_config, add_json
+
 if TYPE_CHECKING:
     from sftbridge.backends import Backend
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained span in `preview`
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    if command == "train":
-        parser.add_argument(
-            "config", help="YAML config, e.g. configs/tiny-cpu.yaml; keys: sftbridge config show"
-        )
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 lora.r=16")
-        parser.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
-        parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
-        parser.add_argument(
-            "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker, ...)"
-        )
-        parser.add_argument(
-            "--detach",
-            action="store_true",
-            help="submit and return; follow with status/logs/fetch (sagemaker, ...)",
-        )
-        parser.add_argument(
-            "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
-        )
-        parser.set_defaults(func=cmd_train)
-    elif command == "preview":
-        parser.add_argument("config", help="YAML config; keys: sftbridge config show")
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-        parser.add_argument("--n", type=int, default=3, help="number of examples (default 3)")
-        parser.add_argument(
-            "--json", action="store_true", help="one JSON object per example: text, input_ids, labels"
-        )
-        parser.set_defaults(func=cmd_preview)
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(
+        parser,
+        "YAML config, e.g. configs/tiny-cpu.yaml; keys: sftbridge config show",
+        overrides_example="train.epochs=3 lora.r=16",
+    )
+    parser.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker, ...)"
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="submit and return; follow with status/logs/fetch (sagemaker, ...)",
+    )
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
+    )
+    parser.set_defaults(func=cmd_train)
+
+
+def preview_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(parser)
+    parser.add_argument("--n", type=int, default=3, help="number of examples (default 3)")
+    add_json(parser, "one JSON object per example: text, input_ids, labels")
+    parser.set_defaults(func=cmd_preview)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
