@@ -20,7 +20,6 @@ from sftbridge.cli.options import add_json
 from sftbridge.errors import RunDirError
 from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MetricsLog, evaluation_files, is_evaluation
 
-EVAL_METRICS = ("exact_match", "contains", "mean_answer_tokens", "eos_rate")
 COLUMNS = (
     "name",
     "status",
@@ -265,6 +264,8 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, 
 
 
 def metric_rows(a: RunSummary, b: RunSummary) -> list[tuple[str, Any, Any]]:
+    from sftbridge.inference.evaluate import METRICS as EVAL_METRICS  # what `sftbridge eval` scores
+
     rows: list[tuple[str, Any, Any]] = [
         ("global_step", a.global_step, b.global_step),
         ("final loss (last logged)", a.final_loss, b.final_loss),
