@@ -36,6 +36,7 @@ def main() -> None:
     import os
 
     os.chdir(ROOT)  # the shipped configs name their data relative to the checkout
+    from sftbridge.runs import load_manifest
     from sftbridge.training.train import main as train_main
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,9 +44,9 @@ def main() -> None:
         code = train_main(["--config", args.config, "--run-dir", str(run_dir), *args.overrides])
         if code != 0:
             sys.exit(code)
-        manifest = json.loads((run_dir / "sftbridge.json").read_text())
-    answers = manifest["answer_metrics"]
-    train_seconds = manifest["timings"]["train_seconds"]
+        manifest = load_manifest(run_dir)
+    answers = manifest.answer_metrics or {}
+    train_seconds = manifest.timings.train_seconds or 0.0
     overhead = answers["seconds"] / (train_seconds - answers["seconds"])
     import torch
     import transformers
@@ -54,7 +55,7 @@ def main() -> None:
         "command": shlex.join(["python", "benchmarks/answer_metrics_overhead.py", *sys.argv[1:]]),
         "config": args.config,
         "overrides": args.overrides,
-        "optimizer_steps": manifest["metrics"]["global_step"],
+        "optimizer_steps": manifest.metrics.global_step,
         "measurements": len(answers["steps"]) + 1,  # the scheduled points + the base model once
         "sample": answers["sample"],
         "max_new_tokens": answers["max_new_tokens"],
@@ -65,7 +66,7 @@ def main() -> None:
         "base": answers["base"],
         "verdict": answers["verdict"],
         "conditions": {
-            "device": manifest["device"]["type"],
+            "device": manifest.device.type,
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__,

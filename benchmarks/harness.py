@@ -208,13 +208,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def ours(config: Any) -> tuple[float, int, list[dict[str, Any]]]:
     """sftbridge's own training path, end to end (run directory and all)."""
-    from sftbridge.runs import load_manifest
+    from sftbridge.runs import METRICS, MetricsLog, load_manifest
     from sftbridge.training.train import train
 
     with tempfile.TemporaryDirectory() as out:
         run = train(config, Path(out) / "run")
         manifest = load_manifest(run)
-        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        history = MetricsLog(run / METRICS).read()
     return manifest.timings.train_seconds or 0.0, manifest.metrics.global_step or 0, history
 
 

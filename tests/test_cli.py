@@ -36,6 +36,7 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "pydantic", "yaml",
                 "sftbridge",
                 "sftbridge.cli",
                 "sftbridge.cli.plan",
+                "sftbridge.cli.options",
                 "sftbridge.planning.estimate",
                 "sftbridge.errors",
             }
@@ -190,11 +191,11 @@ def test_unfinished_run_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_version_and_verbose_anywhere() -> None:
-    from importlib import metadata
+    from sftbridge import __version__
 
     result = sftbridge("--version")
     assert result.returncode == 0
-    assert result.stdout == f"sftbridge {metadata.version('sftbridge')}\n"
+    assert result.stdout == f"sftbridge {__version__}\n"
     # -v after the command works like -v before it (it used to be "unrecognized arguments").
     late = sftbridge("plan", CONFIG, "-v")
     assert late.returncode == 0, late.stderr

@@ -123,10 +123,10 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_in_a_pipe() -> None:
-    from sftbridge.cli.inference import Progress
+    from sftbridge.cli.inference import EvalProgress
 
     piped = io.StringIO()
-    progress = Progress(piped)
+    progress = EvalProgress(piped)
     for done in range(1, 101):
         progress("adapter", done, 100)
     progress.close()
@@ -134,7 +134,7 @@ def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_in_a_pipe() -> None:
     assert 10 <= len(lines) <= 11 and lines[-1].startswith("eval adapter: 100/100 (100%)")
 
     terminal = _Terminal()
-    progress = Progress(terminal)
+    progress = EvalProgress(terminal)
     for done in range(1, 5):
         progress("base", done, 4)
     progress.close()

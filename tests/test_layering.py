@@ -13,22 +13,27 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sftbridge"
 # import nothing of ours but errors.
 LAYERS: dict[str, set[str]] = {
     "errors": set(),
+    "environment": set(),
     "hf_names": {"errors"},
     "archive": {"errors"},
-    "output": set(),
+    "output": {"environment"},
     "jumpstart": {"errors"},
     "config": {"errors", "hf_names"},
     "runs": {"errors", "config"},
     "resume": {"errors", "config", "runs"},
     "aws": {"errors"},
     "data": {"errors", "config", "runs"},
-    "models": {"errors", "config", "runs"},
+    "models": {"errors", "config", "runs", "environment"},
     "inference": {"errors", "config", "runs", "data", "models"},
     "report": {"errors", "config", "runs", "data", "inference"},
     "planning": {"errors", "config", "runs", "data", "models"},
-    "training": {"errors", "config", "runs", "data", "models", "inference", "report", "aws", "output"},
+    "training": {
+        *("errors", "config", "runs", "data", "models", "inference", "report", "aws", "output"),
+        "environment",
+    },
     "backends": {
         *("errors", "config", "runs", "resume", "data", "models", "planning", "training", "aws", "archive"),
+        "environment",
     },
     "serving": {"errors", "config", "runs", "data", "models", "inference", "planning", "aws", "archive"},
 }

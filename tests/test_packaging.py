@@ -43,6 +43,12 @@ def test_wheel_ships_the_entry_script_and_the_sample_data(wheel: Path) -> None:
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
 
 
+def test_the_wheel_carries_the_version_of_the_source(wheel: Path) -> None:
+    from sftbridge import __version__
+
+    assert wheel.name.startswith(f"sftbridge-{__version__}-")  # pyproject reads sftbridge.__version__
+
+
 def test_installed_wheel_stages_a_sagemaker_source_dir(wheel: Path, tmp_path: Path) -> None:
     """Without a checkout, the SageMaker backend finds the packaged entry script and stages the same tree."""
     site = tmp_path / "site"

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import ROOT, run_cli
 from sftbridge.config import load_config
+from sftbridge.data.encoding import Lengths
 from sftbridge.errors import ConfigError
 from sftbridge.planning.estimate import (
     GB,
     SAGEMAKER_OVERHEAD_HOURS,
-    Lengths,
     batching,
     layer_activation_bytes,
     make_plan,

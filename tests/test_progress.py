@@ -18,8 +18,9 @@ import pytest
 
 from conftest import ROOT
 from sftbridge.config import dump_config
+from sftbridge.environment import TTY as TTY_ENV
 from sftbridge.runs import METRICS, MetricsLog, checkpoint_dir_for, load_manifest
-from sftbridge.training.progress import TTY_ENV, Progress, terminal_is_tty
+from sftbridge.training.progress import Progress, terminal_is_tty
 
 TRAIN_LINE = re.compile(
     r"^\[train\] step=(\d+)/(\d+) epoch=[\d.]+ loss=[\d.e+-]+ lr=[\d.e+-]+ grad_norm=[\d.e+-]+ "

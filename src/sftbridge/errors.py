@@ -1,7 +1,13 @@
 """Errors a user can fix. The CLI prints their message (no traceback) and exits with code 2."""
 
 import signal
+import sys
 from pathlib import Path
+
+
+def print_error(message: object) -> None:
+    """How every command shows a failure: one ``error: ...`` line on stderr, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
 
 
 class UserError(Exception):

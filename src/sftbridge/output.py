@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-VERBOSE_ENV = "SFTBRIDGE_VERBOSE"  # "1": show the libraries' warnings (what -v/--verbose sets)
+from sftbridge.environment import VERBOSE
+
 THIRD_PARTY = (
     "bitsandbytes",
     "transformers",
@@ -36,7 +37,7 @@ _written: set[str] = set()  # the variables set here (a user's own setting is ne
 
 
 def verbose_from_env() -> bool:
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(VERBOSE, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def configure_output(verbose: bool, *, fmt: str = "%(levelname)s %(message)s", own_level: int = 0) -> None:
@@ -46,7 +47,7 @@ def configure_output(verbose: bool, *, fmt: str = "%(levelname)s %(message)s", o
     Environment variables a user set (``TRANSFORMERS_VERBOSITY``, ``HF_HUB_DISABLE_PROGRESS_BARS``...) win.
     """
     if verbose:
-        os.environ[VERBOSE_ENV] = "1"
+        os.environ[VERBOSE] = "1"
     third_party = logging.WARNING if verbose else logging.ERROR
     for variable, library in LEVEL_ENV.items():
         _set_unless_user_set(variable, logging.getLevelName(third_party).lower())

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from sftbridge import __version__
 from sftbridge.config import GenerationSection, RunConfig, Template
 from sftbridge.errors import RunDirError, UserError
 
@@ -352,9 +353,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version(), "sftbridge": __version__}
     for name in (
-        "sftbridge",
         "torch",
         "transformers",
         "peft",
@@ -411,15 +411,18 @@ class MetricsLog:
             handle.write(redact(json.dumps(record)) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        """Every complete line; a last line cut short by a kill is skipped."""
+        """Every complete line, as a dict; a line cut short by a kill (or not a JSON object) is skipped, and a
+        missing file reads as no lines: a run may be read while it trains, or after it crashed."""
         if not self.path.is_file():
             return []
         records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except ValueError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
         return records
 
     def restart_at(self, step: int) -> None:
@@ -431,3 +434,19 @@ class MetricsLog:
         partial = self.path.with_name(self.path.name + ".tmp")
         partial.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         partial.replace(self.path)
+
+
+def evaluation_path(run_dir: Path, data_file: str | Path) -> Path:
+    """Where ``sftbridge eval`` writes its summary of ``data_file`` in a run folder by default."""
+    return Path(run_dir) / f"eval-{Path(data_file).stem}.json"
+
+
+def evaluation_files(run_dir: Path) -> list[Path]:
+    """The files of a run folder that may be ``sftbridge eval`` summaries (``eval*.json``), by name: keep
+    those whose body ``is_evaluation``. Their ``eval-<data>-predictions.jsonl`` files are not matched."""
+    return sorted(Path(run_dir).glob("eval*.json"))
+
+
+def is_evaluation(body: Any) -> bool:
+    """Whether a decoded JSON file is an ``sftbridge eval`` summary: an object with the adapter's results."""
+    return isinstance(body, dict) and isinstance(body.get("adapter"), dict)

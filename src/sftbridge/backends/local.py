@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sftbridge import environment
 from sftbridge.config import RunConfig
 from sftbridge.errors import ConfigError, RunDirError
 from sftbridge.resume import check_same_training, checkpoints_of, find_interrupted, record_config
 from sftbridge.runs import default_run_dir, is_complete, latest_checkpoint
 
-SUPERVISED_ENV = "SFTBRIDGE_SUPERVISED"  # "1": this process reports interrupts; the training script is quiet
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the shell's exit codes: 130, 143
 
 
@@ -170,10 +170,10 @@ class LocalBackend:
         job_id = f"local-{run_dir.name}"
         env = {
             **os.environ,
-            "SFTBRIDGE_BACKEND": self.name,
-            "SFTBRIDGE_JOB_ID": job_id,
-            "SFTBRIDGE_TTY": "1" if sys.stdout.isatty() else "0",  # the child's output is piped: bar or lines
-            SUPERVISED_ENV: "1",
+            environment.BACKEND: self.name,
+            environment.JOB_ID: job_id,
+            environment.TTY: "1" if sys.stdout.isatty() else "0",  # the child's output is piped: bar or lines
+            environment.SUPERVISED: "1",  # this process reports interrupts; the training script is quiet
             "PYTHONUNBUFFERED": "1",
         }
         process = subprocess.Popen(

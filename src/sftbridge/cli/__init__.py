@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from sftbridge import __version__
 
 DESCRIPTION = (
     "LoRA/QLoRA supervised fine-tuning of chat LLMs, locally or on SageMaker. "
     "Config keys: sftbridge config show; a starter config: sftbridge config init."
 )
 VERBOSE_HELP = "log progress and show the libraries' warnings (also: SFTBRIDGE_VERBOSE=1)"
-# command: (module with `add_arguments(command, parser)`, one-line help)
+# command: (the module defining `<command>_arguments(parser)`, one-line help)
 COMMANDS = {
     "train": ("sftbridge.cli.train", "fine-tune from a YAML config"),
     "preview": ("sftbridge.cli.train", "show training examples exactly as the model sees them"),
@@ -58,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Before any command imports a library: the CLI owns its output (see sftbridge.output).
     configure_output(getattr(args, "verbose", False) or verbose_from_env())
-    from sftbridge.errors import UserError
+    from sftbridge.errors import UserError, print_error
 
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside training (which handles it itself): no traceback
         print("interrupted", file=sys.stderr)
@@ -71,21 +74,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole CLI; with ``only``, every other command is listed with its help line but gets no arguments
-    (defining all ~90 arguments was most of the time of ``sftbridge --help``)."""
-    parser = argparse.ArgumentParser(prog="sftbridge", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-    parser.add_argument("--version", action=_Version, help="print sftbridge's version and exit")
+    """The whole CLI; with ``only``, every other command is listed with its help line and nothing else: no
+    arguments, not even ``-h`` (never parsed with, they were most of the time of ``sftbridge --help``)."""
+    parser = argparse.ArgumentParser(prog="sftbridge", description=DESCRIPTION, formatter_class=HelpFormatter)
+    add_verbose(parser, default=False)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"sftbridge {__version__}",
+        help="print sftbridge's version and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_line) in COMMANDS.items():
-        command = commands.add_parser(name, help=help_line, description=help_line)
-        # `sftbridge train CONFIG -v` works as well as `sftbridge -v train CONFIG`.
-        command.add_argument(
-            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        if only is not None and name != only:
+            commands.add_parser(name, help=help_line, add_help=False, formatter_class=HelpFormatter)
+            continue
+        command = commands.add_parser(
+            name, help=help_line, description=help_line, formatter_class=HelpFormatter
         )
-        if only is None or name == only:
-            importlib.import_module(module).add_arguments(name, command)
+        # `sftbridge train CONFIG -v` works as well as `sftbridge -v train CONFIG`.
+        add_verbose(command, default=argparse.SUPPRESS)
+        getattr(importlib.import_module(module), f"{name}_arguments")(command)
     return parser
+
+
+def add_verbose(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """``-v``; a command's own ``-v`` defaults to SUPPRESS so as not to reset one given before the command."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help=VERBOSE_HELP)
 
 
 def _command_in(argv: list[str]) -> str:
@@ -93,18 +108,23 @@ def _command_in(argv: list[str]) -> str:
     return next((word for word in argv if not word.startswith("-")), "")
 
 
-class _Version(argparse.Action):
-    """``--version``: the installed distribution's version, looked up only when asked for."""
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, told the terminal's width: to ask for it, argparse imports shutil (and shutil its
+    compression modules), a tenth of the time of ``sftbridge --help``."""
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs["help"]))
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=terminal_columns() - 2)  # argparse's own margin
 
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        from importlib import metadata
 
+def terminal_columns() -> int:
+    """What ``shutil.get_terminal_size().columns`` says: ``$COLUMNS``, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
         try:
-            version = metadata.version("sftbridge")
-        except metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"sftbridge {version}")
-        parser.exit()
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):  # not a terminal, or closed
+            columns = 0
+    return columns or 80

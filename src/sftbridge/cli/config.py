@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from sftbridge.cli.options import add_config, add_json
 from sftbridge.errors import UserError
 
 HEADER = """\
@@ -24,7 +25,7 @@ HEADER = """\
 """
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+def config_arguments(parser: argparse.ArgumentParser) -> None:
     # `sftbridge config` alone is `sftbridge config show`.
     parser.set_defaults(func=cmd_show, config=None, overrides=[], json=False)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
@@ -34,9 +35,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         description="Every config key with its type, default and description; given CONFIG (and "
         "KEY=VALUE overrides), the values a run would use.",
     )
-    show.add_argument("config", nargs="?", help="a YAML config to resolve")
-    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3")
-    show.add_argument("--json", action="store_true", help="print JSON")
+    add_config(show, "a YAML config to resolve", optional=True, overrides_example="train.epochs=3")
+    add_json(show, "print JSON")
     show.set_defaults(func=cmd_show)
 
     init = actions.add_parser(

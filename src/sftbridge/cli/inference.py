@@ -8,31 +8,36 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from sftbridge.cli.options import add_device, add_run
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, help="run directory")
-    if command == "generate":
-        parser.add_argument("question", nargs="+", help="one or more questions")
-        parser.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
-        parser.add_argument("--max-new-tokens", type=int)
-        parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-        parser.add_argument("--top-p", type=float)
-        parser.add_argument("--show-prompt", action="store_true", help="print the formatted prompt too")
-        parser.set_defaults(func=cmd_generate)
-    elif command == "eval":
-        parser.add_argument("--data", type=Path, help="JSONL test file (default: the run's data.test_file)")
-        parser.add_argument(
-            "--json",
-            type=Path,
-            dest="json_out",
-            help="write the metrics to this JSON file and every prediction to OUT's stem + "
-            "-predictions.jsonl beside it (default: RUN/eval-<data file stem>.json)",
-        )
-        parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--no-base", action="store_true", help="skip the base model")
-        parser.set_defaults(func=cmd_eval)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+def generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser)
+    parser.add_argument("question", nargs="+", help="one or more questions")
+    parser.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--show-prompt", action="store_true", help="print the formatted prompt too")
+    add_device(parser)
+    parser.set_defaults(func=cmd_generate)
+
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser)
+    parser.add_argument("--data", type=Path, help="JSONL test file (default: the run's data.test_file)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        dest="json_out",
+        help="write the metrics to this JSON file and every prediction to OUT's stem + "
+        "-predictions.jsonl beside it (default: RUN/eval-<data file stem>.json)",
+    )
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-base", action="store_true", help="skip the base model")
+    add_device(parser)
+    parser.set_defaults(func=cmd_eval)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -67,6 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sftbridge.errors import DataError
     from sftbridge.inference.evaluate import evaluate, format_table, load_cases, write_results
     from sftbridge.inference.folder import ModelFolder
+    from sftbridge.runs import evaluation_path
 
     # A run or a merged folder, checked before anything heavy loads; a merged one has no config: pass --data.
     folder = ModelFolder.open(args.run)
@@ -75,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.run}: the run's config has no data.test_file; pass --data FILE")
     predictor = folder.predictor(device=args.device)
     cases = load_cases(Path(test_file), predictor)[: args.limit]
-    progress = Progress(sys.stderr)
+    progress = EvalProgress(sys.stderr)
     base = not (args.no_base or folder.is_merged)
     try:
         result = evaluate(predictor, cases, batch_size=args.batch_size, base=base, progress=progress)
@@ -84,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {"data": str(test_file), "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result}
     print(f"{test_file}:")
     print(format_table(result))
-    summary = args.json_out or Path(args.run) / f"eval-{Path(test_file).stem}.json"
+    summary = args.json_out or evaluation_path(args.run, test_file)
     predictions = write_results(result, summary)
     print(f"summary: {summary}\npredictions: {predictions}")
     _refresh_report(Path(args.run), summary)
@@ -101,8 +107,11 @@ def _refresh_report(run: Path, summary: Path) -> None:
         print(f"warning: the report was not refreshed: {exc}", file=sys.stderr)
 
 
-class Progress:
-    """Evaluation progress on stderr: a bar per stage on a terminal; piped, a line every ~10% of a stage."""
+class EvalProgress:
+    """Evaluation progress on stderr: a bar per stage on a terminal; piped, a line every ~10% of a stage.
+
+    Not ``training.progress.Progress``: that one is a trainer callback that also writes ``metrics.jsonl``;
+    this one is the ``progress(stage, done, total)`` callable ``inference.evaluate`` reports to."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream

@@ -7,26 +7,37 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sftbridge.cli.options import add_region
 from sftbridge.errors import ConfigError
 
 if TYPE_CHECKING:
     from sftbridge.backends import Job
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    _job_arguments(parser)
+    parser.set_defaults(func=cmd_status)
+
+
+def logs_arguments(parser: argparse.ArgumentParser) -> None:
+    _job_arguments(parser)
+    parser.add_argument("--follow", "-f", action="store_true", help="print new lines until the job ends")
+    parser.set_defaults(func=cmd_logs)
+
+
+def fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    _job_arguments(parser)
+    parser.add_argument("--run-dir", type=Path, help="where the run goes (default: runs/<job>)")
+    parser.set_defaults(func=cmd_fetch)
+
+
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    """JOB, and where to look it up: what status, logs and fetch share."""
     parser.add_argument("job", help="the job's name, as `sftbridge train` printed it")
     parser.add_argument(
         "--backend", default="sagemaker", help="backend that runs the job (default: sagemaker)"
     )
-    parser.add_argument("--region", help="region of the job (sagemaker: default the AWS profile's)")
-    if command == "status":
-        parser.set_defaults(func=cmd_status)
-    elif command == "logs":
-        parser.add_argument("--follow", "-f", action="store_true", help="print new lines until the job ends")
-        parser.set_defaults(func=cmd_logs)
-    elif command == "fetch":
-        parser.add_argument("--run-dir", type=Path, help="where the run goes (default: runs/<job>)")
-        parser.set_defaults(func=cmd_fetch)
+    add_region(parser, "region of the job (sagemaker: default the AWS profile's)")
 
 
 def _job(args: argparse.Namespace) -> Job:

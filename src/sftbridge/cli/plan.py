@@ -9,6 +9,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from sftbridge.cli.options import add_config, add_json
 from sftbridge.planning.estimate import GB, SAGEMAKER_OVERHEAD_HOURS, Plan, make_plan
 from sftbridge.planning.hardware import GPUS, PRICE_TABLE_DATE
 
@@ -16,19 +17,18 @@ if TYPE_CHECKING:  # annotations only: pydantic loads with the config, in cmd_pl
     from sftbridge.config import RunConfig
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config", help="YAML config, e.g. configs/llama2-7b-chat-qlora.yaml; keys: sftbridge config show"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.per_device_batch_size=8"
+def plan_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(
+        parser,
+        "YAML config, e.g. configs/llama2-7b-chat-qlora.yaml; keys: sftbridge config show",
+        overrides_example="train.per_device_batch_size=8",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--gpu", help=f"the GPU to check against: {', '.join(GPUS)}")
     where.add_argument(
         "--instance-type", help="a SageMaker instance type, e.g. ml.g5.2xlarge (adds the cost)"
     )
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_json(parser, "print the plan as JSON")
     parser.set_defaults(func=cmd_plan)
 
 

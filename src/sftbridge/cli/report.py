@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sftbridge.cli.options import add_run
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, help="run directory")
+
+def report_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser)
     parser.add_argument("--out", type=Path, help="HTML file to write (default: RUN/report.html)")
     parser.add_argument(
         "--eval",

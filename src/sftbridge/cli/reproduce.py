@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sftbridge.cli.options import add_run
 from sftbridge.errors import DataError, RunDirError
 
 if TYPE_CHECKING:
     from sftbridge.runs import RunManifest
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, help="a finished run directory")
+def reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser, "a finished run directory")
     parser.add_argument(
         "--run-dir", type=Path, help="where the new run goes (default: runs/<run_name>-<time>)"
     )

@@ -2,8 +2,9 @@
 
 Everything is read from what a run folder holds: the manifest (``sftbridge.json``), ``metrics.jsonl`` (it
 grows while a run trains), the resolved ``config.yaml``, and an evaluation summary if ``sftbridge eval`` wrote
-one (any JSON in the folder shaped like ``{"adapter": {"exact_match": ..., "eos_rate": ...}, ...}``). A folder
-that never finished (no ``COMPLETE``, or still ``.<name>.partial``) is listed as unfinished with what it has.
+one (``runs.evaluation_files``: an ``eval*.json`` shaped like ``{"adapter": {"exact_match": ...}, ...}``).
+A folder that never finished (no ``COMPLETE``, or still ``.<name>.partial``) is listed as unfinished with
+what it has.
 """
 
 from __future__ import annotations
@@ -15,10 +16,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sftbridge.cli.options import add_json
 from sftbridge.errors import RunDirError
-from sftbridge.runs import COMPLETE, CONFIG, MANIFEST, METRICS, MergedManifest, RunManifest, read_manifest
+from sftbridge.runs import (
+    COMPLETE,
+    CONFIG,
+    MANIFEST,
+    METRICS,
+    MergedManifest,
+    MetricsLog,
+    RunManifest,
+    evaluation_files,
+    is_evaluation,
+    read_manifest,
+)
 
-EVAL_METRICS = ("exact_match", "contains", "mean_answer_tokens", "eos_rate")
 COLUMNS = (
     "name",
     "status",
@@ -33,18 +45,19 @@ COLUMNS = (
 )
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    if command == "runs":
-        parser.add_argument(
-            "dir", nargs="?", type=Path, default=Path("runs"), help="folder of runs (default: runs)"
-        )
-        parser.add_argument("--json", action="store_true", help="one JSON object per run, in a list")
-        parser.set_defaults(func=cmd_runs)
-    else:
-        parser.add_argument("run_a", type=Path, metavar="RUN_A")
-        parser.add_argument("run_b", type=Path, metavar="RUN_B")
-        parser.add_argument("--json", action="store_true", help="print the differences as JSON")
-        parser.set_defaults(func=cmd_compare)
+def runs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dir", nargs="?", type=Path, default=Path("runs"), help="folder of runs (default: runs)"
+    )
+    add_json(parser, "one JSON object per run, in a list")
+    parser.set_defaults(func=cmd_runs)
+
+
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_a", type=Path, metavar="RUN_A")
+    parser.add_argument("run_b", type=Path, metavar="RUN_B")
+    add_json(parser, "print the differences as JSON")
+    parser.set_defaults(func=cmd_compare)
 
 
 @dataclass
@@ -105,7 +118,7 @@ def summarize(path: Path) -> RunSummary:
         summary.global_step = manifest.metrics.global_step
         summary.backend = manifest.backend.name
         summary.data_sha256 = manifest.data.sha256
-    logs = _metrics(path / METRICS)
+    logs = MetricsLog(path / METRICS).read()
     losses = [row["loss"] for row in logs if isinstance(row.get("loss"), int | float)]
     summary.final_loss = losses[-1] if losses else None
     if summary.eval_loss is None:
@@ -142,33 +155,12 @@ def _yaml(path: Path) -> dict[str, Any] | None:
     return loaded if isinstance(loaded, dict) else None
 
 
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of metrics.jsonl; a line cut short by a crash is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _evaluation(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """The run's evaluation summary: the one of its data.test_file if there is one, else the newest."""
     found = []
-    for candidate in sorted(path.glob("*.json")):
-        if candidate.name == MANIFEST:
-            continue
+    for candidate in evaluation_files(path):
         body = _json(candidate)
-        if (
-            isinstance(body, dict)
-            and isinstance(body.get("adapter"), dict)
-            and "exact_match" in body["adapter"]
-        ):
+        if is_evaluation(body):
             found.append((candidate, body))
     if not found:
         return {}, None
@@ -292,6 +284,8 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, 
 
 
 def metric_rows(a: RunSummary, b: RunSummary) -> list[tuple[str, Any, Any]]:
+    from sftbridge.inference.evaluate import METRICS as EVAL_METRICS  # what `sftbridge eval` scores
+
     rows: list[tuple[str, Any, Any]] = [
         ("global_step", a.global_step, b.global_step),
         ("final loss (last logged)", a.final_loss, b.final_loss),

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from sftbridge.cli.options import add_device, add_json, add_region, add_run
 from sftbridge.errors import UserError
 from sftbridge.serving import defaults
 
@@ -18,146 +19,143 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    if command == "serve":
-        parser.add_argument("run", type=Path, help="run directory, or a folder written by `sftbridge merge`")
-        parser.add_argument(
-            "--host",
-            default=defaults.HOST,
-            help="address to bind (default 127.0.0.1; the server has no auth)",
-        )
-        parser.add_argument(
-            "--port", type=int, default=defaults.PORT, help="port (default 8080; 0 = any free)"
-        )
-        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        parser.add_argument(
-            "--max-new-tokens-cap",
-            type=_positive,
-            default=defaults.MAX_NEW_TOKENS_CAP,
-            help=f"largest max_new_tokens a request may ask for (default {defaults.MAX_NEW_TOKENS_CAP})",
-        )
-        parser.add_argument(
-            "--max-queue",
-            type=_positive,
-            default=defaults.MAX_QUEUE,
-            help=f"requests that may wait for the model; more get 429 (default {defaults.MAX_QUEUE})",
-        )
-        parser.add_argument("--max-body-bytes", type=_positive, default=defaults.MAX_BODY_BYTES)
-        parser.add_argument(
-            "--max-batch-size",
-            type=_positive,
-            default=defaults.MAX_BATCH_SIZE,
-            help=f"concurrent greedy requests generated together (default {defaults.MAX_BATCH_SIZE})",
-        )
-        parser.add_argument(
-            "--batch-window-ms",
-            type=float,
-            default=defaults.BATCH_WINDOW_S * 1000,
-            help="under load, how long to wait for more requests to fill a batch "
-            f"(default {defaults.BATCH_WINDOW_S * 1000:g}; a lone request never waits)",
-        )
-        parser.add_argument(
-            "--engine",
-            default="sftbridge",
-            choices=["sftbridge", "vllm"],
-            help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the run's base, adapter and "
-            "chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
-        )
-        parser.add_argument(
-            "--dry-run", action="store_true", help="--engine vllm: print the vllm command, start nothing"
-        )
-        parser.set_defaults(func=cmd_serve)
-    elif command == "merge":
-        parser.add_argument("run", type=Path, help="run directory")
-        parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-        parser.add_argument(
-            "--dtype",
-            default="auto",
-            choices=["auto", "float32", "bfloat16", "float16"],
-            help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
-        )
-        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-        parser.set_defaults(func=cmd_merge)
-    elif command == "deploy":
-        parser.add_argument("run", type=Path, help="run directory (merged on the way) or a merged folder")
-        parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
-        parser.add_argument(
-            "--instance-type", default=defaults.INSTANCE_TYPE, help=f"default {defaults.INSTANCE_TYPE}"
-        )
-        parser.add_argument("--instance-count", type=_positive, default=1)
-        parser.add_argument("--role", help="SageMaker execution role ARN (default: the run's backend.role)")
-        parser.add_argument(
-            "--bucket", help="S3 bucket (default: the run's backend.bucket, else sagemaker-REGION-ACCOUNT)"
-        )
-        parser.add_argument(
-            "--prefix", default=defaults.S3_PREFIX, help=f"S3 key prefix (default {defaults.S3_PREFIX})"
-        )
-        parser.add_argument(
-            "--region", help="AWS region (default: the run's backend.region, else AWS_DEFAULT_REGION)"
-        )
-        parser.add_argument(
-            "--name", help="endpoint, endpoint config and model name (default sftbridge-RUN-TIME)"
-        )
-        parser.add_argument(
-            "--engine",
-            default="vllm",
-            choices=["vllm", "tgi"],
-            help="vllm: Hugging Face's vLLM image (default); tgi: its LLM (TGI) image, in maintenance mode",
-        )
-        parser.add_argument(
-            "--mode",
-            default="merged",
-            choices=["merged", "adapter"],
-            help="merged: the adapter merged into 16-bit weights (default); adapter: the base from the Hub "
-            "or --base s3://..., the run's adapter as a vLLM LoRA module",
-        )
-        parser.add_argument(
-            "--base",
-            help="--mode adapter: base model Hub id or s3://BUCKET/PREFIX/ (default: the run's base)",
-        )
-        parser.add_argument(
-            "--image-version",
-            "--tgi-version",
-            dest="image_version",
-            help="the engine's image version (default: the newest the SageMaker SDK lists)",
-        )
-        parser.add_argument("--image-uri", help="a serving image URI, instead of the SDK's")
-        parser.add_argument(
-            "--dtype",
-            choices=["bfloat16", "float16"],
-            help="merged weights, or vLLM's --dtype (default: bf16; fp16 on pre-Ampere)",
-        )
-        parser.add_argument(
-            "--no-wait", action="store_true", help="return once the endpoint is being created"
-        )
-        parser.set_defaults(func=cmd_deploy)
-    elif command == "invoke":
-        parser.add_argument(
-            "endpoint", help="a SageMaker endpoint name, or http://HOST:PORT (sftbridge serve)"
-        )
-        parser.add_argument("question")
-        parser.add_argument(
-            "--engine",
-            choices=["vllm", "tgi"],
-            help="the API to speak (default: the endpoint's sftbridge:engine tag; vllm for a URL)",
-        )
-        parser.add_argument("--region")
-        parser.add_argument(
-            "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
-        )
-        parser.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
-        parser.add_argument("--max-new-tokens", type=_positive)
-        parser.add_argument(
-            "--temperature", type=float, help="sample at this temperature (default: the run's)"
-        )
-        parser.add_argument("--top-p", type=float)
-        parser.add_argument("--json", action="store_true", help="print the request and the whole response")
-        parser.set_defaults(func=cmd_invoke)
-    elif command == "undeploy":
-        parser.add_argument("endpoint")
-        parser.add_argument("--region")
-        parser.set_defaults(func=cmd_undeploy)
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser, "run directory, or a folder written by `sftbridge merge`")
+    parser.add_argument(
+        "--host",
+        default=defaults.HOST,
+        help="address to bind (default 127.0.0.1; the server has no auth)",
+    )
+    parser.add_argument("--port", type=int, default=defaults.PORT, help="port (default 8080; 0 = any free)")
+    add_device(parser)
+    parser.add_argument(
+        "--max-new-tokens-cap",
+        type=_positive,
+        default=defaults.MAX_NEW_TOKENS_CAP,
+        help=f"largest max_new_tokens a request may ask for (default {defaults.MAX_NEW_TOKENS_CAP})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=defaults.MAX_QUEUE,
+        help=f"requests that may wait for the model; more get 429 (default {defaults.MAX_QUEUE})",
+    )
+    parser.add_argument("--max-body-bytes", type=_positive, default=defaults.MAX_BODY_BYTES)
+    parser.add_argument(
+        "--max-batch-size",
+        type=_positive,
+        default=defaults.MAX_BATCH_SIZE,
+        help=f"concurrent greedy requests generated together (default {defaults.MAX_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=defaults.BATCH_WINDOW_S * 1000,
+        help="under load, how long to wait for more requests to fill a batch "
+        f"(default {defaults.BATCH_WINDOW_S * 1000:g}; a lone request never waits)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="sftbridge",
+        choices=["sftbridge", "vllm"],
+        help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the run's base, adapter and "
+        "chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="--engine vllm: print the vllm command, start nothing"
+    )
+    parser.set_defaults(func=cmd_serve)
+
+
+def merge_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
+    )
+    add_device(parser)
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.set_defaults(func=cmd_merge)
+
+
+def deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run(parser, "run directory (merged on the way) or a merged folder")
+    parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
+    parser.add_argument(
+        "--instance-type", default=defaults.INSTANCE_TYPE, help=f"default {defaults.INSTANCE_TYPE}"
+    )
+    parser.add_argument("--instance-count", type=_positive, default=1)
+    parser.add_argument("--role", help="SageMaker execution role ARN (default: the run's backend.role)")
+    parser.add_argument(
+        "--bucket", help="S3 bucket (default: the run's backend.bucket, else sagemaker-REGION-ACCOUNT)"
+    )
+    parser.add_argument(
+        "--prefix", default=defaults.S3_PREFIX, help=f"S3 key prefix (default {defaults.S3_PREFIX})"
+    )
+    add_region(parser, "AWS region (default: the run's backend.region, else AWS_DEFAULT_REGION)")
+    parser.add_argument(
+        "--name", help="endpoint, endpoint config and model name (default sftbridge-RUN-TIME)"
+    )
+    parser.add_argument(
+        "--engine",
+        default="vllm",
+        choices=["vllm", "tgi"],
+        help="vllm: Hugging Face's vLLM image (default); tgi: its LLM (TGI) image, in maintenance mode",
+    )
+    parser.add_argument(
+        "--mode",
+        default="merged",
+        choices=["merged", "adapter"],
+        help="merged: the adapter merged into 16-bit weights (default); adapter: the base from the Hub "
+        "or --base s3://..., the run's adapter as a vLLM LoRA module",
+    )
+    parser.add_argument(
+        "--base",
+        help="--mode adapter: base model Hub id or s3://BUCKET/PREFIX/ (default: the run's base)",
+    )
+    parser.add_argument(
+        "--image-version",
+        "--tgi-version",
+        dest="image_version",
+        help="the engine's image version (default: the newest the SageMaker SDK lists)",
+    )
+    parser.add_argument("--image-uri", help="a serving image URI, instead of the SDK's")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        help="merged weights, or vLLM's --dtype (default: bf16; fp16 on pre-Ampere)",
+    )
+    parser.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
+    parser.set_defaults(func=cmd_deploy)
+
+
+def invoke_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("endpoint", help="a SageMaker endpoint name, or http://HOST:PORT (sftbridge serve)")
+    parser.add_argument("question")
+    parser.add_argument(
+        "--engine",
+        choices=["vllm", "tgi"],
+        help="the API to speak (default: the endpoint's sftbridge:engine tag; vllm for a URL)",
+    )
+    add_region(parser)
+    parser.add_argument(
+        "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
+    )
+    parser.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
+    parser.add_argument("--max-new-tokens", type=_positive)
+    parser.add_argument("--temperature", type=float, help="sample at this temperature (default: the run's)")
+    parser.add_argument("--top-p", type=float)
+    add_json(parser, "print the request and the whole response")
+    parser.set_defaults(func=cmd_invoke)
+
+
+def undeploy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("endpoint")
+    add_region(parser)
+    parser.set_defaults(func=cmd_undeploy)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sftbridge.cli.options import add_config, add_json
 
 if TYPE_CHECKING:
     from sftbridge.backends import Backend
@@ -14,40 +15,40 @@ if TYPE_CHECKING:
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained span in `preview`
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    if command == "train":
-        parser.add_argument(
-            "config", help="YAML config, e.g. configs/tiny-cpu.yaml; keys: sftbridge config show"
-        )
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 lora.r=16")
-        parser.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
-        parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
-        parser.add_argument(
-            "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker, ...)"
-        )
-        parser.add_argument(
-            "--detach",
-            action="store_true",
-            help="submit and return; follow with status/logs/fetch (sagemaker, ...)",
-        )
-        parser.add_argument(
-            "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
-        )
-        parser.set_defaults(func=cmd_train)
-    elif command == "preview":
-        parser.add_argument("config", help="YAML config; keys: sftbridge config show")
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-        parser.add_argument("--n", type=int, default=3, help="number of examples (default 3)")
-        parser.add_argument(
-            "--json", action="store_true", help="one JSON object per example: text, input_ids, labels"
-        )
-        parser.set_defaults(func=cmd_preview)
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(
+        parser,
+        "YAML config, e.g. configs/tiny-cpu.yaml; keys: sftbridge config show",
+        overrides_example="train.epochs=3 lora.r=16",
+    )
+    parser.add_argument("--backend", help="override backend.name (local, sagemaker, ...)")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<run_name>-<time>)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the request; submit nothing (sagemaker, ...)"
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="submit and return; follow with status/logs/fetch (sagemaker, ...)",
+    )
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN", help="finish an interrupted run from its last checkpoint"
+    )
+    parser.set_defaults(func=cmd_train)
+
+
+def preview_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config(parser)
+    parser.add_argument("--n", type=int, default=3, help="number of examples (default 3)")
+    add_json(parser, "one JSON object per example: text, input_ids, labels")
+    parser.set_defaults(func=cmd_preview)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sftbridge.backends import get_backend, options_model
     from sftbridge.config import load_config
     from sftbridge.data.loading import load_data
+    from sftbridge.errors import print_error
 
     overrides = list(args.overrides)
     if args.backend:
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if code in (130, 143):  # stopped by SIGINT/SIGTERM: the job printed where it stopped and how to resume
         return code
     if code != 0:
-        print(f"error: training failed ({job.status()})", file=sys.stderr)
+        print_error(f"training failed ({job.status()})")
         return code
     print(f"run directory: {job.fetch()}")
     return 0
@@ -105,20 +106,16 @@ def check_capabilities(args: argparse.Namespace, backend: Backend) -> None:
 def cmd_preview(args: argparse.Namespace) -> int:
     from sftbridge.backends import options_model
     from sftbridge.config import load_config
-    from sftbridge.data.formatting import resolve_chat_format
-    from sftbridge.data.loading import encode_split, load_data
+    from sftbridge.data.encoding import encode
+    from sftbridge.data.loading import load_data
     from sftbridge.models.loading import load_tokenizer
 
     config = load_config(args.config, args.overrides, options_model=options_model)
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
-    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
-    prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
-    records = data.train[: args.n]
-    encoded, _ = encode_split(
-        records, prompt_format, tokenizer, config.data.max_length, config.data.over_length
-    )
-    for record, item in zip(records, encoded, strict=False):
+    encoded = encode(data, config.data, tokenizer, ("train",), limit=args.n)
+    prompt_format = encoded.prompt_format
+    for record, item in zip(data.train, encoded.splits["train"], strict=False):
         if args.json:
             print(
                 json.dumps(
@@ -135,7 +132,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         trained = sum(label >= 0 for label in item.labels)
         print(
             f"── {record.where} · {len(item.input_ids)} tokens, {trained} trained "
-            f"({prompt_format.format}, {chat_format}) ──"
+            f"({prompt_format.format}, {prompt_format.chat_format}) ──"
         )
         print(mark_spans(item.text, item.trained_spans))
     if not args.json:

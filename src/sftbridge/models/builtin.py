@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftbridge.config import BUILTIN_TINY_MODEL
+from sftbridge.environment import CACHE
 from sftbridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ LLAMA2_CHAT_TEMPLATE = (
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SFTBRIDGE_CACHE", Path.home() / ".cache" / "sftbridge")).expanduser()
+    return Path(os.environ.get(CACHE, Path.home() / ".cache" / "sftbridge")).expanduser()
 
 
 def sample_data_dir() -> Path:

@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Literal
 
 from sftbridge.config import ModelSection, RunConfig, TrainSection
+from sftbridge.environment import local_rank
 from sftbridge.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def load_model(cfg: ModelSection, device: Device, precision: Precision) -> Any:
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(dtype)
         # Quantized weights cannot be moved after loading: place them on this process's device now.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
     except (OSError, ValueError) as exc:

@@ -2,7 +2,7 @@
 
 Pure arithmetic on three inputs: the model's shapes (``sftbridge.planning.model_shapes``: its ``config.json``
 only, never the weights), the config, and the token lengths of the training data (tokenized with the model's
-tokenizer through ``sftbridge.data.loading``, exactly as training encodes it); checked against the GPUs and
+tokenizer through ``sftbridge.data.encoding``, exactly as training encodes it); checked against the GPUs and
 SageMaker instances of ``sftbridge.planning.hardware``.
 
 Memory model (bytes; ``s`` = bytes of an activation: 2 under bf16/fp16 on a GPU, 4 in fp32 on the CPU):
@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sftbridge.errors import ConfigError, UserError
@@ -48,6 +47,7 @@ from sftbridge.planning.model_shapes import Shapes, model_shapes
 
 if TYPE_CHECKING:  # annotations only: `sftbridge --help` must not import pydantic
     from sftbridge.config import RunConfig
+    from sftbridge.data.encoding import Lengths
 
 GB = 1e9  # decimal gigabytes throughout, like "24 GB" on a card
 
@@ -69,37 +69,10 @@ FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768  # TRL's chunked log-prob tile
 # ---- Inputs ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Lengths:
-    """Token lengths of the training examples, as training encodes them (after the over-length policy)."""
-
-    tokens: list[int]
-    trained: list[int]  # tokens in the loss (the answer) per example
-    source: str
-
-    def summary(self) -> dict[str, Any]:
-        ordered = sorted(self.tokens)
-
-        def pct(q: float) -> int:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-        return {
-            "examples": len(ordered),
-            "tokens": sum(ordered),
-            "trained_tokens": sum(self.trained),
-            "mean": round(statistics.fmean(ordered), 1),
-            "p50": pct(0.5),
-            "p90": pct(0.9),
-            "p99": pct(0.99),
-            "max": ordered[-1],
-            "source": self.source,
-        }
-
-
 def data_lengths(config: RunConfig) -> tuple[Lengths, list[str]]:
     """Tokenize the training split with the model's tokenizer (no weights); estimate without one."""
-    from sftbridge.data.formatting import resolve_chat_format
-    from sftbridge.data.loading import encode_split, load_data
+    from sftbridge.data.encoding import Lengths, encode
+    from sftbridge.data.loading import load_data
     from sftbridge.models.loading import load_tokenizer
 
     notes: list[str] = []
@@ -118,23 +91,21 @@ def data_lengths(config: RunConfig) -> tuple[Lengths, list[str]]:
             f"at {CHARS_PER_TOKEN} characters per token (exact after "
             f"`hf download {config.model.name_or_path} --include '*.json' 'tokenizer.model'`)"
         )
-    prompt_format = data.prompt_format(
-        resolve_chat_format(config.data.chat_format, tokenizer), config.data.system_prompt
-    )
     max_length, policy = config.data.max_length, config.data.over_length
     if policy == "error":
         policy = "drop"  # training would stop at the first over-length example; plan the rest
-    encoded, report = encode_split(
-        data.train,
-        prompt_format,
+    encoded = encode(
+        data,
+        config.data,
         tokenizer,
-        10**9 if estimated else max_length,
-        "drop" if estimated else policy,
+        max_length=10**9 if estimated else max_length,
+        over_length="drop" if estimated else policy,
     )
+    report = encoded.reports["train"]
     if report.over_length:
         notes.append(f"{report.over_length} examples over data.max_length={max_length} ({policy})")
     tokens, trained = [], []
-    for item in encoded:
+    for item in encoded.splits["train"]:
         n = len(item.input_ids)
         share = sum(label >= 0 for label in item.labels) / n
         if estimated:
@@ -668,9 +639,7 @@ def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine
     tried = []
     for label, changes in options:
         changed = _with(config, changes)
-        short = Lengths(
-            [min(n, changed.data.max_length) for n in lengths.tokens], lengths.trained, lengths.source
-        )
+        short = replace(lengths, tokens=[min(n, changed.data.max_length) for n in lengths.tokens])
         peak = _evaluate(changed, shapes, short, target).memory.peak_total
         tried.append(f"{label} -> {peak / GB:.1f} GB{' (fits)' if peak <= limit else ''}")
     return (

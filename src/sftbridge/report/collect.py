@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftbridge.runs import ADAPTER, METRICS, RunManifest, load_manifest
+from sftbridge.data.encoding import Lengths
+from sftbridge.runs import (
+    ADAPTER,
+    METRICS,
+    MetricsLog,
+    RunManifest,
+    evaluation_files,
+    is_evaluation,
+    load_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +38,6 @@ class Evaluation:
 
 
 @dataclass
-class Lengths:
-    """Token counts of one data split, rendered exactly as training renders it."""
-
-    total: list[int]  # prompt + answer tokens per example
-    answer: list[int]  # trained tokens per example
-
-    def stats(self, which: str) -> dict[str, float]:
-        values = sorted(getattr(self, which))
-        return {
-            "min": values[0],
-            "median": statistics.median(values),
-            "mean": statistics.fmean(values),
-            "p95": values[min(len(values) - 1, int(0.95 * len(values)))],
-            "max": values[-1],
-        }
-
-
-@dataclass
 class ReportData:
     run_dir: Path
     manifest: RunManifest
@@ -62,7 +53,7 @@ def collect(
 ) -> ReportData:
     run_dir = Path(run_dir)
     manifest = manifest if manifest is not None else load_manifest(run_dir)
-    summaries = sorted(run_dir.glob("eval*.json"))
+    summaries = evaluation_files(run_dir)
     summaries += [p for p in map(Path, extra_evals) if p.resolve() not in {s.resolve() for s in summaries}]
     data = ReportData(
         run_dir=run_dir,
@@ -90,13 +81,7 @@ def is_curve(key: str) -> bool:
 def read_curves(path: Path) -> dict[str, list[tuple[float, float]]]:
     """metric -> [(step, value)] from metrics.jsonl; a step logged twice keeps its last value."""
     points: dict[str, dict[float, float]] = {}
-    if not path.is_file():
-        return {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
+    for row in MetricsLog(path).read():
         step = row.get("step")
         if not isinstance(step, int | float):
             continue
@@ -112,7 +97,7 @@ def read_evaluation(path: Path) -> Evaluation | None:
     except (OSError, json.JSONDecodeError) as exc:
         log.warning("%s: not an evaluation summary (%s)", path, exc)
         return None
-    if not isinstance(summary, dict) or "adapter" not in summary:
+    if not is_evaluation(summary):
         return None
     predictions: list[dict[str, Any]] = []
     if summary.get("predictions_file"):
@@ -153,8 +138,9 @@ def data_lengths(run_dir: Path, manifest: RunManifest) -> dict[str, Lengths]:
     prompt format (the data files must still be where the config says, with the sha256 recorded)."""
     from transformers import AutoTokenizer
 
-    from sftbridge.data.formatting import IGNORE_INDEX, PromptFormat
-    from sftbridge.data.loading import load_data, to_example
+    from sftbridge.data.encoding import encode
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.loading import load_data
 
     config = manifest.run_config
     loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
@@ -163,13 +149,12 @@ def data_lengths(run_dir: Path, manifest: RunManifest) -> dict[str, Lengths]:
     if changed:
         raise ValueError(f"{', '.join(changed)} changed since the run (sha256 differs)")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-    fmt = PromptFormat.from_record(manifest.prompt_format)
-    lengths = {}
-    for split, records in (("train", loaded.train), ("validation", loaded.validation)):
-        encoded = [fmt.encode(tokenizer, to_example(record, fmt)) for record in records]
-        if encoded:
-            lengths[split] = Lengths(
-                [len(e.input_ids) for e in encoded],
-                [sum(x != IGNORE_INDEX for x in e.labels) for e in encoded],
-            )
-    return lengths
+    encoded = encode(
+        loaded,
+        config.data,
+        tokenizer,
+        ("train", "validation"),
+        prompt_format=PromptFormat.from_record(manifest.prompt_format),
+        max_length=sys.maxsize,  # every example at its full length: the histogram marks data.max_length
+    )
+    return {split: Lengths.of(examples) for split, examples in encoded.splits.items() if examples}

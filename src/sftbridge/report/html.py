@@ -160,7 +160,7 @@ def _data(data: ReportData) -> str:
     if data.lengths:
         stats_rows = []
         for split, lengths in data.lengths.items():
-            for which, label in (("total", "prompt + answer"), ("answer", "answer (trained)")):
+            for which, label in (("tokens", "prompt + answer"), ("trained", "answer (trained)")):
                 stats = lengths.stats(which)
                 stats_rows.append(
                     [

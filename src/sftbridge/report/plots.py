@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # before pyplot: renders to memory on any machine, no dis
 
 import matplotlib.pyplot as plt
 
-from sftbridge.report.collect import Lengths
+from sftbridge.data.encoding import Lengths
 
 COLORS = {"adapter": "#1f77b4", "base": "#d62728", "reference": "#2ca02c"}
 TITLES = {
@@ -90,8 +90,8 @@ def data_lengths(lengths: dict[str, Lengths], max_length: int) -> str:
     """Example lengths (prompt + answer) per split, with data.max_length marked."""
     figure, axes = plt.subplots(figsize=(7, 3.5))
     for split, values in lengths.items():
-        axes.hist(values.total, bins=30, alpha=0.6, label=f"{split} ({len(values.total)} examples)")
-    if max_length <= 2 * max(max(v.total) for v in lengths.values()):
+        axes.hist(values.tokens, bins=30, alpha=0.6, label=f"{split} ({len(values.tokens)} examples)")
+    if max_length <= 2 * max(max(v.tokens) for v in lengths.values()):
         axes.axvline(
             max_length, color="black", linestyle="--", linewidth=1, label=f"data.max_length {max_length}"
         )

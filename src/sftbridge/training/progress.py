@@ -31,9 +31,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from sftbridge.environment import TTY
 from sftbridge.runs import MetricsLog
 
-TTY_ENV = "SFTBRIDGE_TTY"
 TOKENS_PER_SECOND = "tokens_per_second"
 
 # The fields every train line starts with, in order: (log key, name on the line).
@@ -44,7 +44,7 @@ HIDDEN = {"epoch", "step", "total_flos", "num_tokens", "eval_num_tokens", "num_i
 
 def terminal_is_tty() -> bool:
     """True when the user watches on a terminal: ``SFTBRIDGE_TTY`` if set, else whether stderr is a TTY."""
-    value = os.environ.get(TTY_ENV)
+    value = os.environ.get(TTY)
     if value is not None:
         return value.strip().lower() in ("1", "true", "yes")
     return sys.stderr.isatty()

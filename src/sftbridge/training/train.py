@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftbridge import environment
 from sftbridge.config import (
     RunConfig,
     deep_merge,
@@ -30,7 +31,7 @@ from sftbridge.config import (
     parse_value,
     set_dotted,
 )
-from sftbridge.errors import ConfigError, DataError, Interrupted, UserError
+from sftbridge.errors import ConfigError, DataError, Interrupted, UserError, print_error
 from sftbridge.runs import (
     ADAPTER,
     CHECKPOINT_PATTERN,
@@ -90,7 +91,7 @@ def resolve_config(argv: list[str] | None, env: SageMakerEnv) -> tuple[RunConfig
         run_dir = Path(args.run_dir)
     elif env.model_dir is not None:
         run_dir = env.model_dir
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif environment.world_size() > 1:
         raise ConfigError("under torchrun every process must agree on the run folder: pass --run-dir")
     else:
         run_dir = default_run_dir(args.runs_root, config.run_name)
@@ -113,22 +114,20 @@ def encode_data(config: RunConfig, data: LoadedData, tokenizer: Any) -> Training
     Only Arrow tables leave this function: the Python copies (records, texts, token lists) are not held in RAM
     beside the model for the whole run.
     """
-    from sftbridge.data.formatting import resolve_chat_format
-    from sftbridge.data.loading import encode_split
+    from sftbridge.data.encoding import encode
 
-    chat_format = resolve_chat_format(config.data.chat_format, tokenizer)
-    prompt_format = data.prompt_format(chat_format, config.data.system_prompt)
-    policy, max_length = config.data.over_length, config.data.max_length
-    train_set, train_report = encode_split(data.train, prompt_format, tokenizer, max_length, policy)
-    eval_set, eval_report = encode_split(data.validation, prompt_format, tokenizer, max_length, policy)
+    encoded = encode(data, config.data, tokenizer, ("train", "validation"))
+    prompt_format = encoded.prompt_format
+    train_set, eval_set = encoded.splits["train"], encoded.splits["validation"]
     if not train_set:
+        policy = config.data.over_length
         raise DataError(f"{config.data.train_file}: no training example left after data.over_length={policy}")
     log.info(
         "data: %d train / %d validation examples (%s, %s)",
         len(train_set),
         len(eval_set),
         prompt_format.format,
-        chat_format,
+        prompt_format.chat_format,
     )
     do_eval = bool(eval_set) and config.train.eval_strategy != "no"
     return TrainingData(
@@ -138,8 +137,8 @@ def encode_data(config: RunConfig, data: LoadedData, tokenizer: Any) -> Training
         record={
             "sha256": data.sha256,
             "template_source": data.template_source,
-            "train": train_report.to_dict(),
-            "validation": eval_report.to_dict(),
+            "train": encoded.reports["train"].to_dict(),
+            "validation": encoded.reports["validation"].to_dict(),
         },
     )
 
@@ -379,13 +378,13 @@ def describe_run(
         "versions": library_versions(),
         "git": git_state(),
         "backend": {
-            "name": os.environ.get("SFTBRIDGE_BACKEND", "direct"),
-            "job_id": os.environ.get("SFTBRIDGE_JOB_ID"),
+            "name": os.environ.get(environment.BACKEND, "direct"),
+            "job_id": os.environ.get(environment.JOB_ID),
         },
         "device": {
             "type": device,
             "precision": precision,
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "world_size": environment.world_size(),
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         },
     }
@@ -460,13 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Until training starts (and its step-boundary handler takes over), SIGTERM stops at once like Ctrl-C.
     signal.signal(signal.SIGTERM, _stop_now)
-    supervised = os.environ.get("SFTBRIDGE_SUPERVISED") == "1"  # `sftbridge train` prints the outcome
+    supervised = environment.is_supervised()  # `sftbridge train` prints the outcome
     run_dir = None
     try:
         config, run_dir = resolve_config(argv, SageMakerEnv.from_environ())
         out = train(config, run_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return exc.exit_code
     except Interrupted as exc:
         if not supervised:
@@ -477,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if not supervised:
             print(f"interrupted by {signal.Signals(signum).name}: stopped at once", file=sys.stderr)
         return 128 + signum
-    if int(os.environ.get("RANK", "0")) == 0 and not supervised:
+    if environment.rank() == 0 and not supervised:
         print(f"run directory: {out}")
     return 0
 

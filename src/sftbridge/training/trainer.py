@@ -27,6 +27,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from sftbridge.environment import is_supervised
 from sftbridge.errors import UserError
 from sftbridge.runs import CHECKPOINT_COMPLETE, CHECKPOINT_PATTERN
 
@@ -64,7 +65,7 @@ class StopOnSignal(TrainerCallback):
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signum is not None:  # a second signal: stop now
             raise StopNow(signum)
-        if os.environ.get("SFTBRIDGE_SUPERVISED") != "1":  # else `sftbridge train` reports it, in one line
+        if not is_supervised():  # else `sftbridge train` reports it, in one line
             name = signal.Signals(signum).name
             log.warning("%s received: finishing this step and writing a checkpoint", name)
         self.signum = signum

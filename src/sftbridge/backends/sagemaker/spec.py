@@ -16,6 +16,7 @@ from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker import hyperparameters as hp
 from sftbridge.config import ENV_NAME, RunConfig, load_config
 from sftbridge.data.loading import sha256_file
+from sftbridge.environment import BACKEND
 from sftbridge.errors import ConfigError, DataError
 from sftbridge.planning.hardware import PRICE_TABLE_DATE, gpu_count, price_per_hour
 from sftbridge.runs import SECRET_ENV_VARS
@@ -227,7 +228,7 @@ def _channels(config: RunConfig) -> list[Channel]:
 
 
 def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
-    environment = {"SFTBRIDGE_BACKEND": "sagemaker", **config.backend.environment}
+    environment = {BACKEND: "sagemaker", **config.backend.environment}
     uri = config.train.mlflow_tracking_uri
     if uri:
         # The job logs to the same server; a SageMaker managed one is reached through the sagemaker-mlflow

@@ -1,0 +1,42 @@
+"""Options several commands share, each defined once: a run folder, a config with its KEY=VALUE overrides,
+``--device``, ``--json`` and ``--region``. Cheap to import: argparse and pathlib only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CONFIG_HELP = "YAML config; keys: sftbridge config show"
+
+
+def add_run(parser: argparse.ArgumentParser, help: str = "run directory") -> None:
+    parser.add_argument("run", type=Path, help=help)
+
+
+def add_config(
+    parser: argparse.ArgumentParser,
+    help: str = CONFIG_HELP,
+    *,
+    optional: bool = False,
+    overrides_example: str | None = None,
+) -> None:
+    """CONFIG and the KEY=VALUE overrides after it (``cli.main`` also takes those that follow an option)."""
+    parser.add_argument("config", nargs="?" if optional else None, help=help)
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"e.g. {overrides_example}" if overrides_example else None,
+    )
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def add_json(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
+def add_region(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    parser.add_argument("--region", help=help)
