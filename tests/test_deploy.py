@@ -418,3 +418,49 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_upload(
         assert "CreateModel" not in {name for name, _ in aws.calls}
 
     set_initial_no_auth_action_count(4)(as_restricted_user)()
+
+
+def test_dry_run_creates_nothing_and_an_aws_error_leaves_nothing(
+    aws: Recorder, trained_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import boto3
+
+    from sftbridge.cli import main
+
+    args = ["deploy", str(trained_run), "--instance-type", INSTANCE, "--role", ROLE, "--name", "tiny"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    requests = json.loads(out[: out.rindex("}") + 1])
+    assert set(requests) == {"create_model", "create_endpoint_config", "create_endpoint"}
+    environment = requests["create_model"]["PrimaryContainer"]["Environment"]
+    assert environment["SM_VLLM_MODEL"] == "/opt/ml/model" and environment["SM_VLLM_DTYPE"] == "float16"
+    assert out.rstrip().endswith(
+        f"the model data would go to s3://{BUCKET}/sftbridge/endpoints/tiny/model.tar.gz"
+    )
+    assert not {"CreateModel", "PutObject", "CreateBucket", "CreateMultipartUpload"} & {
+        n for n, _ in aws.calls
+    }
+
+    # SageMaker refuses the endpoint config: one line naming the call; the model and the uploads are gone.
+    def refuse(**_: Any) -> Any:
+        response = type("Response", (), {"status_code": 400, "headers": {}})()
+        error = {"Code": "ResourceLimitExceeded", "Message": "account-level service limit for ml.g4dn.xlarge"}
+        return response, {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+
+    real_session = boto3.Session
+
+    def session(*a: Any, **k: Any) -> Any:
+        created = real_session(*a, **k)
+        created.events.register("before-call.sagemaker.CreateEndpointConfig", refuse)
+        return created
+
+    monkeypatch.setattr(boto3, "Session", session)
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: deploy tiny: CreateEndpointConfig failed (ResourceLimitExceeded: account-level service limit "
+        f"for ml.g4dn.xlarge); nothing was left behind: the uploads under s3://{BUCKET}/sftbridge/endpoints/"
+        "tiny/ were removed"
+    ]
+    assert aws.of("DeleteModel") == [{"ModelName": "tiny"}]
+    assert [key for key in s3_objects() if key.startswith("sftbridge/endpoints/tiny/")] == []
+    assert boto3.client("sagemaker", region_name=REGION).list_models()["Models"] == []

@@ -300,3 +300,14 @@ def test_unknown_job_and_listing(env: dict[str, str], tmp_path: Path) -> None:
     assert result.stderr == f"error: job nope: not found in {tmp_path / 'spool'}\n"
     unknown = sftbridge(env, tmp_path, "status", "x", "--backend", "spoool")
     assert unknown.stderr == "error: unknown backend 'spoool'; available: local, sagemaker, spool\n"
+
+
+def test_logs_say_when_a_job_has_none_yet(env: dict[str, str], tmp_path: Path) -> None:
+    job = tmp_path / "spool" / "spool-queued"
+    job.mkdir(parents=True)
+    (job / "state").write_text("running\n")
+    (job / "region").write_text("moon-1\n")
+    (job / "log").write_text("")
+    result = sftbridge(env, tmp_path, "logs", "spool-queued", "--backend", "spool")
+    assert result.returncode == 0 and result.stdout == ""
+    assert result.stderr == "job spool-queued: no log lines yet (status: running); --follow waits for them\n"

@@ -60,9 +60,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    for line in _job(args).logs(follow=args.follow):
+    job = _job(args)
+    printed = 0
+    for line in job.logs(follow=args.follow):
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
+        printed += 1
+    if not printed:  # silence and exit 0 read as "the command is broken"
+        print(
+            f"job {job.id}: no log lines yet (status: {job.status()}); --follow waits for them",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -129,6 +129,12 @@ def deploy_arguments(parser: argparse.ArgumentParser) -> None:
         help="merged weights, or vLLM's --dtype (default: bf16; fp16 on pre-Ampere)",
     )
     parser.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything that writes nothing, print the model, endpoint config and endpoint requests "
+        "(with the container's environment), and create nothing",
+    )
     parser.set_defaults(func=cmd_deploy)
 
 
@@ -262,7 +268,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         image_uri=args.image_uri,
         dtype=args.dtype,
         wait=not args.no_wait,
+        dry_run=args.dry_run,
     )
+    if args.dry_run:
+        import json
+
+        print(json.dumps(result["requests"], indent=2))
+        print(f"dry run: nothing uploaded or created; the model data would go to {result['model_data']}")
+        return 0
     print(
         f"endpoint {result['endpoint']}: {result['status']} ({result['instance_type']}, {result['region']})"
     )
