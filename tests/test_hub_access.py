@@ -81,3 +81,22 @@ def test_an_unreachable_hub_is_one_line_and_leaves_nothing(
         "(ConnectError) and the model is not in the cache; connect to it, download the model where there is "
         "a connection (hf download), or point model.name_or_path at a local folder"
     ]
+
+
+def test_train_without_the_hub_fails_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """Through the real CLI and the training subprocess: nothing of the run is left to resume or clean."""
+    import os
+
+    from conftest import run_cli
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))
+    run_dir = tmp_path / "runs" / "hubless"
+    config = str(ROOT / "configs" / "tiny-cpu.yaml")
+    result = run_cli("train", config, f"model.name_or_path={MODEL}", "--run-dir", str(run_dir), env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    # The training script's output (its stderr too) is relayed on stdout, as a terminal shows it.
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the Hugging Face Hub (http://127.0.0.1:9) is unreachable" in errors[0]
+    assert "Retrying" not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []

@@ -8,6 +8,7 @@ interrupted run of the same config instead of starting over. Light: no torch.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import yaml
 
 from sftbridge.config import RunConfig, dump_config, flatten
 from sftbridge.errors import RunDirError
-from sftbridge.runs import checkpoint_dir_for, is_complete, latest_checkpoint
+from sftbridge.runs import METRICS, checkpoint_dir_for, is_complete, latest_checkpoint
 
 RUN_CONFIG = "sftbridge-config.yaml"  # in the checkpoint folder: the config the checkpoints were trained with
 # Keys that do not change what is trained: where it runs, how often it saves or logs, inference defaults.
@@ -34,6 +35,18 @@ NOT_TRAINING = (
 
 def checkpoints_of(config: RunConfig, run_dir: Path) -> Path:
     return Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
+
+
+def discard_unstarted(folder: Path) -> None:
+    """After a run that failed before its first checkpoint: remove what was written for resuming it (the
+    recorded config, the metrics so far), and the folder if that leaves it empty. Nothing there can be
+    resumed, and a folder left behind would only mislead."""
+    if latest_checkpoint(folder) is not None or not folder.is_dir():
+        return
+    for name in (RUN_CONFIG, METRICS):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty: tracker files or a user's own are kept
 
 
 def record_config(config: RunConfig, run_dir: Path) -> None:

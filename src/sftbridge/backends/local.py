@@ -23,7 +23,13 @@ from typing import Any
 from sftbridge import environment
 from sftbridge.config import RunConfig
 from sftbridge.errors import ConfigError, RunDirError
-from sftbridge.resume import check_same_training, checkpoints_of, find_interrupted, record_config
+from sftbridge.resume import (
+    check_same_training,
+    checkpoints_of,
+    discard_unstarted,
+    find_interrupted,
+    record_config,
+)
 from sftbridge.runs import default_run_dir, is_complete, latest_checkpoint
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the shell's exit codes: 130, 143
@@ -89,6 +95,8 @@ class LocalJob:
             sys.stdout.flush()
             print(self.interrupted_line(), file=sys.stderr, flush=True)
             return 128 + (self.signals[0] if self.signals else abs(code) % 128)
+        if code != 0 and self.checkpoints != self.run_dir:
+            discard_unstarted(self.checkpoints)
         return code if code >= 0 else 128 - code  # killed by a signal not sent through us (OOM killer...)
 
     def _forward(self, signum: int, _frame: Any) -> None:

@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sftbridge.backends import get_backend, options_model
     from sftbridge.config import load_config
     from sftbridge.data.loading import load_data
-    from sftbridge.errors import print_error
+    from sftbridge.errors import UserError, print_error
 
     overrides = list(args.overrides)
     if args.backend:
@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     code = job.wait()
     if code in (130, 143):  # stopped by SIGINT/SIGTERM: the job printed where it stopped and how to resume
+        return code
+    if code == UserError.exit_code:  # the script refused its input and printed the one line that says why
         return code
     if code != 0:
         print_error(f"training failed ({job.status()})")
