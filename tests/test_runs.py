@@ -78,15 +78,16 @@ def test_runs_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"a-20260301", "b-20260302", "c-20260303"}
     a, b, c = rows["a-20260301"], rows["b-20260302"], rows["c-20260303"]
+    # The epochs trained, as logged (train.epochs is 5; the log ends at epoch 1, as when max_steps cuts it)
     assert (a["finished"], a["base_model"], a["data"], a["epochs"]) == (
         True,
         "builtin:tiny-llama",
         "data/sciq-sample/train.jsonl",
-        5.0,
+        1.0,
     )
     assert (a["final_loss"], a["exact_match"], a["eos_rate"], a["backend"]) == (1.2, 0.25, 1.0, "local")
     assert a["eval_file"] == "eval-test.json"
-    assert (b["epochs"], b["exact_match"], b["base_model"]) == (2.0, None, "meta-llama/Llama-2-7b-chat-hf")
+    assert (b["epochs"], b["exact_match"], b["base_model"]) == (1.0, None, "meta-llama/Llama-2-7b-chat-hf")
     # still training (or crashed): no manifest, but its live metrics.jsonl says how far it got
     assert (c["finished"], c["final_loss"], c["global_step"], c["base_model"]) == (False, 1.2, 3, None)
 
@@ -102,14 +103,36 @@ def test_runs_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         "done",
         "builtin:tiny-llama",
         "train.jsonl",
-        "5",
+        "1",
         "1.2",
         "25.0%",
         "100.0%",
         "local",
     ]
     row_c = next(line for line in lines if line.startswith("c-20260303"))
-    assert row_c.split()[:8] == ["c-20260303", "unfinished", "-", "-", "-", "1.2", "-", "-"]
+    assert row_c.split()[:8] == ["c-20260303", "unfinished", "-", "-", "1", "1.2", "-", "-"]
+
+
+def test_the_last_loss_says_its_step_when_the_run_went_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path, "sparse")
+    manifest = json.loads((run / "sftbridge.json").read_text())
+    manifest["metrics"]["global_step"] = 100  # logged at steps 1-3 only (logging_steps larger than the run)
+    (run / "sftbridge.json").write_text(json.dumps(manifest))
+    assert main(["runs", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sparse"))
+    assert row.split()[5:7] == ["1.2", "@3"]
+
+
+def test_runs_finds_the_runs_folder_inside_the_one_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(tmp_path / "runs", "inner")
+    assert main(["runs", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"no runs directly in {tmp_path}; these are in {tmp_path / 'runs'}:\n"
+    assert captured.out.splitlines()[1].startswith("inner")
 
 
 def test_runs_defaults_to_runs_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,7 +174,15 @@ def test_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["lora.r"] == ["8", "16"]
     assert rows["adapter exact_match"] == ["0.25", "-"]
     assert rows["final loss (last logged)"] == ["1.2", "1"]
-    assert "data files: different sha256 (the data changed)" in out
+    assert "data files: different content (the data changed)" in out
+
+    # The same bytes at another path are the same data.
+    moved = make_run(tmp_path, "moved", sha="aa")
+    manifest = json.loads((moved / "sftbridge.json").read_text())
+    manifest["data"]["sha256"] = {"/elsewhere/train.jsonl": "aa"}
+    (moved / "sftbridge.json").write_text(json.dumps(manifest))
+    assert main(["compare", str(a), str(moved)]) == 0
+    assert "data files: the same content (at other paths)" in capsys.readouterr().out
 
 
 def test_compare_refuses_a_folder_that_is_not_a_run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,6 +72,7 @@ class RunSummary:
     data: str | None = None
     epochs: float | None = None
     final_loss: float | None = None  # the last logged training loss
+    final_loss_step: int | None = None  # the step it was logged at
     train_loss: float | None = None  # the mean over the run, as the trainer reports it
     eval_loss: float | None = None
     global_step: int | None = None
@@ -82,6 +84,12 @@ class RunSummary:
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     evaluation: dict[str, Any] = field(default_factory=dict, repr=False)
     data_sha256: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def same_data(self, other: RunSummary) -> bool | None:
+        """Whether both runs trained on the same bytes, wherever the files were (None: a run did not say)."""
+        if not self.data_sha256 or not other.data_sha256:
+            return None
+        return sorted(self.data_sha256.values()) == sorted(other.data_sha256.values())
 
 
 def _manifest(path: Path) -> RunManifest | MergedManifest | None:
@@ -111,7 +119,7 @@ def summarize(path: Path) -> RunSummary:
     summary.config = config
     summary.base_model = config.get("model", {}).get("name_or_path")
     summary.data = config.get("data", {}).get("train_file")
-    summary.epochs = config.get("train", {}).get("epochs")
+    summary.epochs = config.get("train", {}).get("epochs")  # until the log says how far it got
     if manifest is not None:
         summary.train_loss = manifest.metrics.train_loss
         summary.eval_loss = manifest.metrics.eval_loss
@@ -119,8 +127,12 @@ def summarize(path: Path) -> RunSummary:
         summary.backend = manifest.backend.name
         summary.data_sha256 = manifest.data.sha256
     logs = MetricsLog(path / METRICS).read()
-    losses = [row["loss"] for row in logs if isinstance(row.get("loss"), int | float)]
-    summary.final_loss = losses[-1] if losses else None
+    losses = [row for row in logs if isinstance(row.get("loss"), int | float)]
+    summary.final_loss = losses[-1]["loss"] if losses else None
+    summary.final_loss_step = losses[-1].get("step") if losses else None
+    epochs = [row["epoch"] for row in logs if isinstance(row.get("epoch"), int | float)]
+    if epochs:  # what was trained: train.max_steps or an interruption may have cut train.epochs short
+        summary.epochs = round(max(epochs), 2)
     if summary.eval_loss is None:
         evals = [row["eval_loss"] for row in logs if isinstance(row.get("eval_loss"), int | float)]
         summary.eval_loss = evals[-1] if evals else None
@@ -202,6 +214,10 @@ def find_runs(root: Path) -> list[RunSummary]:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     runs = find_runs(args.dir)
+    nested = args.dir / "runs"
+    if not runs and args.dir.name != "runs" and nested.is_dir() and (inner := find_runs(nested)):
+        print(f"no runs directly in {args.dir}; these are in {nested}:", file=sys.stderr)
+        runs = inner
     if args.json:
         fields = ("config", "evaluation", "data_sha256")
         print(
@@ -223,7 +239,7 @@ def table(runs: list[RunSummary]) -> str:
             _text(run.base_model),
             Path(run.data).name if run.data else "-",
             _number(run.epochs),
-            _number(run.final_loss),
+            _loss(run),
             _percent(run.exact_match),
             _percent(run.eos_rate),
             _text(run.backend),
@@ -235,6 +251,14 @@ def table(runs: list[RunSummary]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+def _loss(run: RunSummary) -> str:
+    """The last logged loss, with its step when the run went on past it (a loss logged every 50 steps)."""
+    if run.final_loss is None:
+        return "-"
+    late = run.final_loss_step is not None and run.global_step not in (None, run.final_loss_step)
+    return f"{run.final_loss:.4g}" + (f" @{run.final_loss_step}" if late else "")
 
 
 def _text(value: Any) -> str:
@@ -258,7 +282,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "runs": [a.path, b.path],
             "config": [{"key": k, "a": va, "b": vb} for k, va, vb in differences],
             "metrics": [{"metric": m, "a": va, "b": vb} for m, va, vb in metrics],
-            "same_data": a.data_sha256 == b.data_sha256 if a.data_sha256 and b.data_sha256 else None,
+            "same_data": a.same_data(b),
         }
         print(json.dumps(body, indent=2))
         return 0
@@ -266,9 +290,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"B  {b.path}{'' if b.finished else '  (unfinished)'}")
     print("\nconfig differences" + ("" if differences else ": none"))
     print(_columns([(key, _show(va), _show(vb)) for key, va, vb in differences], ("key", "A", "B")))
-    if a.data_sha256 and b.data_sha256:
-        same = a.data_sha256 == b.data_sha256
-        print(f"\ndata files: {'same sha256' if same else 'different sha256 (the data changed)'}")
+    same = a.same_data(b)
+    if same is not None:
+        moved = same and sorted(a.data_sha256) != sorted(b.data_sha256)
+        said = "different content (the data changed)" if not same else "the same content"
+        print(f"\ndata files: {said}{' (at other paths)' if moved else ''}")
     print("\nmetrics")
     print(_columns([(m, _show(va), _show(vb)) for m, va, vb in metrics], ("metric", "A", "B")))
     return 0
