@@ -53,6 +53,23 @@ def test_verdict_learned_and_not() -> None:
         "configs/facts-small-model.yaml",
     ):
         assert text in bad.message
+    # train.max_steps cut the run short: the verdict names it, and suggests no lower learning rate.
+    cut_config = load_config(
+        ROOT / "configs" / "tiny-cpu.yaml", ["train.max_steps=100", "train.learning_rate=0.005"]
+    )
+    cut = verdict(
+        figures(0.0, 21, 0.0),
+        figures(0.0, 20.0, 0.1),
+        config=cut_config,
+        steps=100,
+        n=32,
+        source="train",
+        epochs=6.67,
+    )
+    assert "stopped by train.max_steps=100 after 6.67 of train.epochs=30" in cut.message
+    keys = cut.message.split("Keys to change: ")[1]
+    assert keys.startswith("train.max_steps (-1 trains every epoch)")
+    assert "train.learning_rate" not in keys and "train.epochs" not in keys
     # A perfect base cannot be beaten: that is not a failure to learn.
     assert verdict(
         figures(1.0, 3, 1.0), figures(1.0, 3, 1.0), config=config, steps=9, n=4, source="x"

@@ -345,3 +345,38 @@ def test_an_instance_without_a_price_has_no_cost(in_root: None) -> None:
     assert p5e.cost is None and p5e.throughput.training_hours is not None and p5e.fits
     g4dn = make_plan(config, instance_type="ml.g4dn.xlarge", lengths=SKEWED)
     assert g4dn.cost is not None and g4dn.cost.usd == pytest.approx(g4dn.cost.billed_hours * 0.7364)
+
+
+def test_train_warns_before_it_starts_when_it_will_barely_learn(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed's path (JumpStart's defaults, submitted to SageMaker): said at `train`, dry run or not, in
+    the words of the symptom the seed's user saw."""
+    from sftbridge.cli import main
+
+    monkeypatch.chdir(ROOT)
+    for name, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x"}.items():
+        monkeypatch.setenv(name, value)
+    seed = [
+        "train",
+        "configs/llama2-7b-chat-qlora-sagemaker.yaml",
+        "backend.role=arn:aws:iam::123456789012:role/x",
+    ]
+    assert main([*seed, "--dry-run"]) == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: 120 optimizer steps at train.learning_rate=0.0001 (linear)")
+    assert "long, and not stopping where the references do" in warning and "issue 15" not in warning
+    assert (
+        main(
+            [
+                "train",
+                "configs/tiny-cpu.yaml",
+                "--backend",
+                "sagemaker",
+                "backend.role=arn:aws:iam::123456789012:role/x",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    assert "warning:" not in capsys.readouterr().err  # the built-in recipe learns

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from sftbridge.cli.options import add_config, add_json
 
 if TYPE_CHECKING:
     from sftbridge.backends import Backend
+    from sftbridge.config import RunConfig
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained span in `preview`
 
@@ -59,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
     data_files = (config.data.train_file, config.data.validation_file, config.data.test_file)
     if not any(str(path).startswith("s3://") for path in data_files):
-        load_data(config.data, eval_strategy=config.train.eval_strategy)
+        loaded = load_data(config.data, eval_strategy=config.train.eval_strategy)
+        warn_if_too_little_training(config, len(loaded.train))
     if args.dry_run:
         print(backend.dry_run(config, config_path=args.config, overrides=overrides))
         return 0
@@ -90,6 +93,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         return code
     print(f"run directory: {job.fetch()}")
     return 0
+
+
+def warn_if_too_little_training(config: RunConfig, train_examples: int) -> None:
+    """Say before a run starts (locally, or a SageMaker job) when it will barely move the adapter: the
+    seed's JumpStart defaults answered at length and never stopped."""
+    from sftbridge.planning.estimate import learning_for
+
+    warning = learning_for(config, train_examples).warning
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def check_capabilities(args: argparse.Namespace, backend: Backend) -> None:

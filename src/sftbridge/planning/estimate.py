@@ -518,9 +518,10 @@ def make_plan(
 
 # ---- Will it learn? ----------------------------------------------------------------------------------------
 
-# Heuristics from issue 15's runs (a small pretrained chat model, 160 Q/A pairs of invented facts): a summed
-# learning rate of 0.01 (JumpStart's lr 1e-4, 200 linearly decaying steps) reached 2.5% exact match on the
-# trained questions; 0.2 (lr 1e-3, 400 steps, linear) 49%; 0.96 (lr 2e-3, 480 steps, constant) 93%.
+# Heuristics from sftbridge's measured runs (a small pretrained chat model, 160 Q/A pairs of invented
+# facts): a summed learning rate of 0.01 (JumpStart's lr 1e-4, 200 linearly decaying steps) reached 2.5% exact
+# match on the trained questions; 0.2 (lr 1e-3, 400 steps, linear) 49%; 0.96 (lr 2e-3, 480 steps, constant)
+# 93%.
 FEW_STEPS = 100
 SMALL_LR_SUM = 0.1
 
@@ -538,23 +539,42 @@ def learning(config: RunConfig, steps_per_epoch: int) -> Learning:
     t = config.train
     steps = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
     warmup = t.warmup_ratio * steps
-    decays = not t.lr_scheduler.startswith(
-        "constant"
-    )  # linear, cosine, polynomial... fall to ~0: half on average
+    decays = not t.lr_scheduler.startswith("constant")  # linear, cosine, ... fall to ~0: half on average
     lr_sum = t.learning_rate * (warmup / 2 + (steps - warmup) * (0.5 if decays else 1.0))
     warning = None
     if steps < FEW_STEPS or lr_sum < SMALL_LR_SUM:
+        cut = t.max_steps > 0 and t.max_steps < steps_per_epoch * t.epochs
+        keys = [
+            *(["train.max_steps (-1 trains every epoch)"] if cut else []),
+            *(["train.learning_rate (1e-3 to 2e-3 for a small model)"] if t.learning_rate < 1e-3 else []),
+            *(["train.epochs"] if not cut else []),
+            *(["train.lr_scheduler=constant"] if decays else []),
+            "train.per_device_batch_size (lower: more steps)",
+        ]
         warning = (
-            f"{steps} optimizer steps at train.learning_rate={t.learning_rate:g} ({t.lr_scheduler}): a "
-            f"summed learning rate of {lr_sum:.3g}, little for an adapter to learn new answers from this "
-            f"data (below {FEW_STEPS} steps or {SMALL_LR_SUM:g}; 0.01 learned 2.5% exact match in issue 15's "
-            "runs, ~1 learned 93%). Raise train.learning_rate (1e-3 to 2e-3 for a small model), "
-            "train.epochs, "
-            "train.lr_scheduler=constant, or lower train.per_device_batch_size; "
-            "configs/facts-small-model.yaml is a recipe that learns. Training runs measure it: "
-            "train.answer_metrics."
+            f"{steps} optimizer steps at train.learning_rate={t.learning_rate:g} ({t.lr_scheduler})"
+            + (f", cut by train.max_steps={t.max_steps}" if cut else "")
+            + f": a summed learning rate of {lr_sum:.3g}, little for an adapter to learn new answers. Expect "
+            "answers like the base model's: long, and not stopping where the references do (the seed's "
+            f"JumpStart run answered so). Measured: a sum of 0.01 learned 2.5% exact match, ~1 learned 93%. "
+            f"Raise {', '.join(keys)}; configs/facts-small-model.yaml is a recipe that learns; "
+            "train.answer_metrics measures it while it trains."
         )
     return Learning(steps, lr_sum, warning)
+
+
+def learning_for(config: RunConfig, train_examples: int) -> Learning:
+    """:func:`learning` from the number of training examples alone (no tokenizer, no model): what ``train``
+    checks before it starts. One example per row; packing makes fewer, longer rows (fewer steps)."""
+    from sftbridge.planning.hardware import gpu_count
+
+    t, backend = config.train, config.backend
+    if backend.name == "sagemaker":
+        world = backend.instance_count * max(1, gpu_count(backend.instance_type))
+    else:
+        world = max(1, backend.num_processes)
+    rows = math.ceil(train_examples / (t.per_device_batch_size * world))
+    return learning(config, max(1, math.ceil(rows / t.gradient_accumulation_steps)))
 
 
 def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine) -> Plan:

@@ -242,7 +242,14 @@ class Verdict:
 
 
 def verdict(
-    base: dict[str, float], final: dict[str, float], *, config: RunConfig, steps: int, n: int, source: str
+    base: dict[str, float],
+    final: dict[str, float],
+    *,
+    config: RunConfig,
+    steps: int,
+    n: int,
+    source: str,
+    epochs: float | None = None,
 ) -> Verdict:
     """Did the adapter learn its answers? No when its exact match is no better than the base model's, its
     answers run far longer than the references, or it rarely stops at EOS; the message names the figures,
@@ -260,16 +267,34 @@ def verdict(
     if not problems:
         return Verdict(True, [], "")
     t, lora = config.train, config.lora
+    # train.max_steps ended the run before train.epochs did: that, not the epochs, is what limited it.
+    cut = t.max_steps > 0 and steps >= t.max_steps and epochs is not None and epochs < t.epochs
+    span = (
+        f"stopped by train.max_steps={t.max_steps} after {epochs:.3g} of train.epochs={t.epochs:g}"
+        if cut
+        else f"over train.epochs={t.epochs:g}"
+    )
+    keys = [
+        *(["train.max_steps (-1 trains every epoch)"] if cut else []),
+        *(
+            ["train.learning_rate (1e-3 to 2e-3 teaches a small model new facts)"]
+            if t.learning_rate < 1e-3
+            else []
+        ),
+        *(["train.epochs"] if not cut else []),
+        *(["train.lr_scheduler=constant"] if not t.lr_scheduler.startswith("constant") else []),
+        "lora.target_modules (every projection)",
+        "lora.r",
+        *(["lora.dropout=0"] if lora.dropout else []),
+    ]
     message = (
         f"the adapter did not learn its answers: {'; '.join(problems)} "
         f"({n} {source} questions, greedy; exact match {exact:.0%} vs base {base_exact:.0%}, "
         f"{tokens:.1f} answer tokens vs {reference:.1f} reference, EOS rate {eos:.0%}).\n"
         f"  Likely causes: {steps} optimizer steps at train.learning_rate={t.learning_rate:g} "
-        f"(train.lr_scheduler={t.lr_scheduler}, train.warmup_ratio={t.warmup_ratio:g}) over train.epochs="
-        f"{t.epochs:g}; LoRA r={lora.r}, dropout {lora.dropout:g} on {', '.join(lora.target_modules)}.\n"
-        "  Keys to change: train.learning_rate (1e-3 to 2e-3 teaches a small model new facts), "
-        "train.epochs, train.lr_scheduler=constant, lora.target_modules (every projection), lora.r, "
-        "lora.dropout=0; configs/facts-small-model.yaml is a recipe that learns."
+        f"(train.lr_scheduler={t.lr_scheduler}, train.warmup_ratio={t.warmup_ratio:g}) {span}; "
+        f"LoRA r={lora.r}, dropout {lora.dropout:g} on {', '.join(lora.target_modules)}.\n"
+        f"  Keys to change: {', '.join(keys)}; configs/facts-small-model.yaml is a recipe that learns."
     )
     return Verdict(False, problems, message)
 
@@ -287,6 +312,7 @@ def answer_record(
         steps=state.global_step,
         n=len(callback.cases),
         source=callback.source,
+        epochs=state.epoch,
     )
     record = {
         "sample": len(callback.cases),
