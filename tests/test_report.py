@@ -44,6 +44,10 @@ def test_train_writes_the_report_and_a_model_card(trained_run: Path) -> None:
     manifest = json.loads((trained_run / "sftbridge.json").read_text())
     html = (trained_run / "report.html").read_text()
     assert "Training curves" in html and "No evaluation yet" in html and len(IMAGE.findall(html)) >= 3
+    # Written while the run had its staging name, it names (and tells you to evaluate) the finished run.
+    assert ".partial" not in html and f"run <code>sftbridge eval {trained_run}</code>" in html
+    if manifest.get("answer_metrics", {}).get("verdict"):  # the end-of-run verdict, when it was measured
+        assert "its answers" in html
 
     card = (trained_run / "adapter" / "README.md").read_text()
     assert "More Information Needed" not in card  # PEFT's empty card is replaced

@@ -27,17 +27,21 @@ def write_report(
     *,
     manifest: RunManifest | None = None,
     extra_evals: Iterable[Path] = (),
+    final: Path | None = None,
 ) -> Path:
     """Render ``run_dir``'s report to ``out`` (default ``run_dir/report.html``) and return its path.
 
-    ``manifest`` is for a run still being written (training passes it before the manifest file exists);
-    evaluations are the ``eval*.json`` summaries in the run directory plus ``extra_evals``.
+    ``manifest`` and ``final`` are for a run still being written (training passes them before the manifest
+    exists and while the folder has its staging name): the report names ``final``, where the run will be.
+    Evaluations are the ``eval*.json`` summaries in the run directory plus ``extra_evals``.
     """
     from sftbridge.report.collect import collect
     from sftbridge.report.html import render
 
     out = out or run_dir / REPORT
-    html = render(collect(run_dir, manifest=manifest, extra_evals=extra_evals))
+    data = collect(run_dir, manifest=manifest, extra_evals=extra_evals)
+    data.shown_as = final or run_dir
+    html = render(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(html, encoding="utf-8")
@@ -45,8 +49,9 @@ def write_report(
     return out
 
 
-def write_run_documents(folder: Path, manifest: RunManifest) -> None:
-    """The model card and the report of a run being written into ``folder``; failures are only logged."""
+def write_run_documents(folder: Path, manifest: RunManifest, final: Path | None = None) -> None:
+    """The model card and the report of a run being written into ``folder`` (to be moved to ``final``);
+    failures are only logged."""
     from sftbridge.report.model_card import write_model_card
 
     try:
@@ -54,6 +59,6 @@ def write_run_documents(folder: Path, manifest: RunManifest) -> None:
     except Exception:  # a document must never fail the run it documents
         log.warning("the adapter's model card was not written", exc_info=True)
     try:
-        write_report(folder, manifest=manifest)
+        write_report(folder, manifest=manifest, final=final)
     except Exception:
         log.warning("the run report was not written", exc_info=True)

@@ -39,13 +39,14 @@ class Evaluation:
 
 @dataclass
 class ReportData:
-    run_dir: Path
+    run_dir: Path  # where it is read from
     manifest: RunManifest
     curves: dict[str, list[tuple[float, float]]]  # metric -> [(step, value)]
     evaluations: list[Evaluation]
     config_changes: list[tuple[str, Any, Any]]  # (key, value, default)
     lengths: dict[str, Lengths] = field(default_factory=dict)  # split -> lengths
     lengths_problem: str | None = None  # why lengths are missing
+    shown_as: Path | None = None  # the run's final path, when it is read while still being written
 
 
 def collect(

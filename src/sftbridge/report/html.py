@@ -33,16 +33,17 @@ METRIC_ROWS = (
 def render(data: ReportData) -> str:
     manifest = data.manifest
     title = f"sftbridge report: {manifest.run_name}"
+    where = escape(str(data.shown_as or data.run_dir))
     body = [
         f"<h1>{escape(title)}</h1>",
-        f"<p class='muted'>{escape(str(data.run_dir))} · base model "
-        f"<code>{escape(manifest.base_model.name_or_path)}</code></p>",
+        f"<p class='muted'>{where} · base model <code>{escape(manifest.base_model.name_or_path)}</code></p>",
+        _verdict(manifest),
         _curves(data),
         *(_evaluation(e, manifest) for e in data.evaluations),
         ""
         if data.evaluations
         else "<h2>Evaluation</h2><p>No evaluation yet: run <code>sftbridge eval "
-        f"{escape(str(data.run_dir))}</code> and this report is refreshed with it.</p>",
+        f"{where}</code> and this report is refreshed with it.</p>",
         _data(data),
         _config(data),
         _manifest(manifest),
@@ -52,6 +53,23 @@ def render(data: ReportData) -> str:
         f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
+    )
+
+
+def _verdict(manifest: RunManifest) -> str:
+    """The end-of-run verdict of the answer metrics: whether the adapter learned its answers, and why not."""
+    record = manifest.answer_metrics or {}
+    verdict = record.get("verdict")
+    if not isinstance(verdict, dict):
+        return ""
+    if verdict.get("learned"):
+        return "<p class='verdict hit'>Learned its answers: the answer metrics raised no problem.</p>"
+    problems = "".join(f"<li>{escape(str(problem))}</li>" for problem in verdict.get("problems", []))
+    return (
+        "<div class='verdict miss'><p>The adapter did not learn its answers "
+        f"({record.get('sample')} {escape(str(record.get('source')))} questions, greedy):</p>"
+        f"<ul>{problems}</ul><p>The training log's warning names the likely causes and the keys to change; "
+        "configs/facts-small-model.yaml is a recipe that learns.</p></div>"
     )
 
 

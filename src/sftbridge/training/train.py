@@ -326,7 +326,7 @@ def train(config: RunConfig, run_dir: Path) -> Path:
             },
         )
         # adapter/README.md (replacing PEFT's empty card) and report.html; a failure is only a warning
-        write_run_documents(writer.staging, manifest)
+        write_run_documents(writer.staging, manifest, final=writer.target)
         finished = writer.finalize(manifest)
         if not config.train.checkpoint_dir:
             shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go
