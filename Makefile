@@ -64,7 +64,7 @@ bench: install
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
 
-# Wheels for benchmarks/gpu_check.sh on the `device` GPU machine (Python 3.12, torch 2.11 cu130, transformers
+# Wheels for benchmarks/gpu_check.sh on the lent GPU machine (Python 3.12, torch 2.11 cu130, transformers
 # 5.17, peft, accelerate, pandas, pyarrow; no registry). Each wheel's Requires-Dist was checked against that
 # machine's package list: datasets needs dill and multiprocess; pydantic needs pydantic-core, annotated-types,
 # typing-inspection and typing-extensions>=4.16 (the list gives no version). transformers 5.24 and peft 0.21.2

@@ -199,3 +199,24 @@ def test_version_and_verbose_anywhere() -> None:
     # -v after the command works like -v before it (it used to be "unrecognized arguments").
     late = sftbridge("plan", CONFIG, "-v")
     assert late.returncode == 0, late.stderr
+
+
+def test_small_things_a_newcomer_met(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PEFT name for a key gets its sftbridge name; `runs --json | head` ends quietly."""
+    from sftbridge.cli import main
+
+    assert main(["config", "show", str(ROOT / "configs" / "tiny-cpu.yaml"), "lora.rank=8"]) == 2
+    assert "lora.rank: unknown key; did you mean 'r'? valid keys: r, alpha" in capsys.readouterr().err
+    for k in range(300):  # more JSON than a pipe holds, so that the writer meets the closed pipe
+        run = tmp_path / "runs" / f"run-{k:03d}"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "epoch": 0.1}\n')
+    piped = subprocess.run(
+        f"{sys.executable} -m sftbridge.cli runs runs --json | head -c 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert piped.stdout == "[" and piped.stderr == "", piped.stderr

@@ -612,9 +612,28 @@ def _suggest(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
     if model is None:
         return ""
     valid = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    given = str(loc[-1])
+    known = KNOWN_AS.get(given)
+    close = [known] if known in valid else difflib.get_close_matches(given, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
     return f"{hint} valid keys: {', '.join(valid)}"
+
+
+# Names other tools (PEFT, transformers, JumpStart) give to sftbridge's keys, beyond any spelling distance.
+KNOWN_AS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "epoch": "epochs",
+    "max_seq_length": "max_length",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "batch_size": "per_device_batch_size",
+    "model_name_or_path": "name_or_path",
+    "model_id": "name_or_path",
+}
 
 
 def dump_config(config: RunConfig) -> str:

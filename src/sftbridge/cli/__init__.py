@@ -27,10 +27,10 @@ COMMANDS = {
     "report": ("sftbridge.cli.report", "one HTML page of a run: curves, eval, answer lengths, samples"),
     "serve": (
         "sftbridge.cli.serving",
-        "local HTTP endpoint speaking SageMaker's and TGI's API (a run or a merged folder)",
+        "local HTTP endpoint speaking SageMaker's, TGI's and OpenAI's APIs (a run or a merged folder)",
     ),
     "merge": ("sftbridge.cli.serving", "fold the adapter into the base: plain safetensors + tokenizer"),
-    "deploy": ("sftbridge.cli.serving", "a SageMaker real-time endpoint (Hugging Face LLM/TGI image)"),
+    "deploy": ("sftbridge.cli.serving", "a SageMaker real-time endpoint (Hugging Face vLLM image, or TGI)"),
     "invoke": ("sftbridge.cli.serving", "ask a deployed endpoint a question (the run's template)"),
     "undeploy": ("sftbridge.cli.serving", "delete an endpoint, its endpoint config and its model"),
     "reproduce": ("sftbridge.cli.reproduce", "train again from a run's manifest and compare"),
@@ -64,13 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     from sftbridge.errors import UserError, print_error
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left is said here (BrokenPipeError), not at the interpreter's exit
+        return code
     except UserError as exc:
         print_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside training (which handles it itself): no traceback
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sftbridge runs --json | head`: the reader left; stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + 13  # SIGPIPE
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -61,10 +61,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             generations = predictor.generate(prompts, **overrides)
     else:
         generations = predictor.generate(prompts, **overrides)
-    for prompt, generation in zip(prompts, generations, strict=True):
+    several = len(args.question) > 1
+    for question, prompt, generation in zip(args.question, prompts, generations, strict=True):
+        if several:  # which answer is which: the question above its answer
+            print(f"Q: {question}")
         if args.show_prompt:
             print(f"prompt: {prompt!r}")
-        print(generation.text)
+        print(f"A: {generation.text}" if several else generation.text)
     return 0
 
 
