@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sftbridge.cli.options import add_device, add_run
+from sftbridge.cli.options import add_device, add_run, add_trust_remote_code
 
 
 def generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--show-prompt", action="store_true", help="print the formatted prompt too")
     add_device(parser)
+    add_trust_remote_code(parser)
     parser.set_defaults(func=cmd_generate)
 
 
@@ -37,6 +38,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-base", action="store_true", help="skip the base model")
     add_device(parser)
+    add_trust_remote_code(parser)
     parser.set_defaults(func=cmd_eval)
 
 
@@ -44,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sftbridge.errors import UserError
     from sftbridge.inference.folder import ModelFolder
 
-    folder = ModelFolder.open(args.run)
+    folder = ModelFolder.open(args.run, trust_remote_code=args.trust_remote_code)
     if args.base and folder.is_merged:
         raise UserError(f"--base: {args.run} is a merged model; the base is no longer separate")
     predictor = folder.predictor(device=args.device)
@@ -78,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sftbridge.runs import evaluation_path
 
     # A run or a merged folder, checked before anything heavy loads; a merged one has no config: pass --data.
-    folder = ModelFolder.open(args.run)
+    folder = ModelFolder.open(args.run, trust_remote_code=args.trust_remote_code)
     test_file = args.data or (None if folder.is_merged else folder.run_config.data.test_file)
     if not test_file:
         raise DataError(f"{args.run}: the run's config has no data.test_file; pass --data FILE")

@@ -40,3 +40,12 @@ def add_json(parser: argparse.ArgumentParser, help: str) -> None:
 
 def add_region(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     parser.add_argument("--region", help=help)
+
+
+def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a folder whose model needs its own Python code (trust_remote_code, auto_map) run it; "
+        "without it such a folder is refused, since it may come from anyone",
+    )

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from sftbridge.cli.options import add_device, add_json, add_region, add_run
+from sftbridge.cli.options import add_device, add_json, add_region, add_run, add_trust_remote_code
 from sftbridge.errors import UserError
 from sftbridge.serving import defaults
 
@@ -28,6 +28,7 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=defaults.PORT, help="port (default 8080; 0 = any free)")
     add_device(parser)
+    add_trust_remote_code(parser)
     parser.add_argument(
         "--max-new-tokens-cap",
         type=_positive,
@@ -77,11 +78,13 @@ def merge_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
     )
     add_device(parser)
+    add_trust_remote_code(parser)
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.set_defaults(func=cmd_merge)
 
 
 def deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    add_trust_remote_code(parser)
     add_run(parser, "run directory (merged on the way) or a merged folder")
     parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
     parser.add_argument(
@@ -178,7 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sftbridge.inference.folder import ModelFolder
     from sftbridge.serving.server import LocalServer, ServeSettings, listen
 
-    folder = ModelFolder.open(args.run)  # checked before torch: one line on a bad folder
+    folder = ModelFolder.open(
+        args.run, trust_remote_code=args.trust_remote_code
+    )  # checked before torch: one line on a bad folder
 
     settings = ServeSettings(
         host=args.host,
@@ -227,7 +232,9 @@ def _serve_vllm(args: argparse.Namespace) -> int:
     from sftbridge.inference.folder import ModelFolder
     from sftbridge.serving.vllm import serve_command
 
-    command = serve_command(ModelFolder.open(args.run), host=args.host, port=args.port)
+    command = serve_command(
+        ModelFolder.open(args.run, trust_remote_code=args.trust_remote_code), host=args.host, port=args.port
+    )
     if args.dry_run:
         print(" ".join(command))
         return 0
@@ -243,7 +250,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sftbridge.inference.merge import merge_run
 
     out = merge_run(
-        args.run, args.out, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
     )
     print(f"merged model: {out}")
     return 0
@@ -269,6 +281,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         wait=not args.no_wait,
         dry_run=args.dry_run,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.dry_run:
         import json

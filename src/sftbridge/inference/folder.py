@@ -46,9 +46,10 @@ class ModelFolder:
 
     path: Path
     manifest: RunManifest | MergedManifest
+    trusted: bool = False  # the user let this folder's model run its own code (--trust-remote-code)
 
     @classmethod
-    def open(cls, path: str | Path, *, weights: bool = True) -> ModelFolder:
+    def open(cls, path: str | Path, *, weights: bool = True, trust_remote_code: bool = False) -> ModelFolder:
         """Check ``path`` and read its manifest; RunDirError naming the problem and the fix otherwise.
 
         ``weights=False`` opens a folder that holds only what formatting needs (the manifest, the tokenizer
@@ -64,9 +65,10 @@ class ModelFolder:
             raise RunDirError(
                 f"{path}: the run did not finish (no {COMPLETE} marker); train again or resume it"
             )
-        folder = cls(path, read_manifest(path))
+        folder = cls(path, read_manifest(path), trust_remote_code)
         folder._check_links()
         folder._check_files(weights)
+        folder._check_code()
         return folder
 
     # ---- what it is ------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class ModelFolder:
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=self.trusted)
 
     @cached_property
     def prompter(self) -> Prompter:
@@ -164,7 +166,7 @@ class ModelFolder:
 
         from sftbridge.models.loading import load_run_base
 
-        base = load_run_base(self.run_config, device)
+        base = load_run_base(self.run_config, device)  # trust_remote_code as the run had it: checked at open
         model = PeftModel.from_pretrained(base, self.path / ADAPTER)
         model.eval()
         return model
@@ -179,7 +181,9 @@ class ModelFolder:
         target = resolve_device(TrainSection.model_validate({"device": device}))
         # 16-bit weights are upcast on the CPU, where half-precision matmuls are slow or missing.
         dtype: Any = torch.float32 if target == "cpu" else "auto"
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, device_map={"": target})
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=dtype, device_map={"": target}, trust_remote_code=self.trusted
+        )
         model.eval()
         return model
 
@@ -200,6 +204,29 @@ class ModelFolder:
             raise RunDirError(f"{self.path / missing}: missing; the {self.kind} folder is incomplete, {fix}")
         for file in files:
             check_safetensors(file)
+
+    def _check_code(self) -> None:
+        """A folder runs no code of its own unless the user says so: someone else may have written it. A run
+        whose config set model.trust_remote_code would load its base with that code; a merged folder whose
+        config.json maps classes to its own modules (auto_map) would import them."""
+        if self.trusted:
+            return
+        if isinstance(self.manifest, RunManifest) and self.run_config.model.trust_remote_code:
+            raise RunDirError(
+                f"{self.path}: its config sets model.trust_remote_code=true, so loading it runs Python code "
+                f"from its base model ({self.base_model}); pass --trust-remote-code if you trust both"
+            )
+        for name in ("config.json", "tokenizer_config.json"):
+            file = self.weights_dir / name
+            try:
+                raw = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise RunDirError(f"{file}: unreadable ({exc}); train or merge again") from None
+            if isinstance(raw, dict) and raw.get("auto_map"):
+                raise RunDirError(
+                    f"{file}: maps its classes to Python modules of its own (auto_map), which loading it "
+                    "would run; pass --trust-remote-code if you trust where the folder came from"
+                )
 
     def _check_links(self) -> None:
         """A link inside the folder may only point inside it: reading or overwriting through one must never

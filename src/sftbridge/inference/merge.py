@@ -42,6 +42,7 @@ def merge_run(
     dtype: str = "auto",
     device: str = "auto",
     max_shard_size: str = "5GB",
+    trust_remote_code: bool = False,
 ) -> Path:
     """Merge a run's adapter into its (unquantized) base and save the result to ``out_dir``.
 
@@ -51,6 +52,7 @@ def merge_run(
         dtype: weights dtype; auto = fp32 on the CPU, the run's 16-bit precision on a GPU.
         device: where the merge runs (auto = cuda when available).
         max_shard_size: largest safetensors file, e.g. "5GB" (the Hugging Face Hub's usual size).
+        trust_remote_code: let a run whose base needs its own code (``model.trust_remote_code``) run it.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -58,7 +60,8 @@ def merge_run(
     from sftbridge.models.loading import load_run_base
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    manifest = ModelFolder.open(run_dir).run  # every check generate does, and a merged folder refused
+    # every check generate does (a merged folder, or code to run without the user's say, refused)
+    manifest = ModelFolder.open(run_dir, trust_remote_code=trust_remote_code).run
     require_empty(out_dir, f"--out {out_dir}", "folder", UserError)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")

@@ -240,6 +240,7 @@ def deploy(
     dtype: str | None = None,
     wait: bool = True,
     dry_run: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Deploy a run directory (merged here unless ``mode="adapter"``) or a merged folder; returns what was
     created. ``dry_run``: every check that writes nothing, then the requests it would send (model, endpoint
@@ -248,7 +249,7 @@ def deploy(
     An AWS error while uploading or creating is one DeployError naming the call; what was uploaded and
     created is removed again."""
     source = Path(source)
-    opened = ModelFolder.open(source)  # every check generate does, before any AWS call
+    opened = ModelFolder.open(source, trust_remote_code=trust_remote_code)  # before any AWS call
     merged = opened.is_merged
     run_backend = {} if merged else opened.run_config.backend.model_dump()
     name = name or default_name(opened.manifest.run_name or "run")
@@ -350,7 +351,9 @@ def _upload_model(source: Path, opened: ModelFolder, target: Target, *, mode: st
             folder = source
             if not opened.is_merged:
                 log.info("merging %s into %s weights", source, dtype)
-                folder = merge_run(source, Path(tmp) / "merged", dtype=dtype, device="auto")
+                folder = merge_run(
+                    source, Path(tmp) / "merged", dtype=dtype, device="auto", trust_remote_code=opened.trusted
+                )
             _check_fits(folder, target)
         _upload(folder, extra, target, Path(tmp), adapter=mode == "adapter")
 
