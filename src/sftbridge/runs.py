@@ -289,6 +289,38 @@ def write_manifest(folder: Path, manifest: RunManifest | MergedManifest) -> None
     partial.replace(folder / MANIFEST)
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One trainer per run folder: an exclusive lock on ``.<name>.lock`` beside it, held while the block runs.
+
+    A second trainer on the same folder is refused at once (RunDirError naming the holder's pid) instead of
+    mixing two runs' checkpoints, metrics and manifest. The kernel drops the lock when its process ends,
+    however it ends; the empty file is left (removing it would race with a waiting taker)."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunDirError(
+                f"{run_dir}: another training run ({holder}) is writing this run folder; wait for it to end, "
+                "or choose another --run-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 class RunWriter:
     """Builds a run directory under ``.<name>.partial`` and moves it into place on ``finalize``."""
 

@@ -10,6 +10,7 @@ die first, Linux sends the child SIGTERM (``PR_SET_PDEATHSIG``), which checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shlex
@@ -30,7 +31,7 @@ from sftbridge.resume import (
     find_interrupted,
     record_config,
 )
-from sftbridge.runs import default_run_dir, is_complete, latest_checkpoint
+from sftbridge.runs import default_run_dir, is_complete, latest_checkpoint, run_lock
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the shell's exit codes: 130, 143
 
@@ -48,8 +49,10 @@ class LocalJob:
         *,
         checkpoints: Path | None = None,
         command: list[str] | None = None,
+        lock: contextlib.ExitStack | None = None,
     ) -> None:
         self.process = process
+        self.lock = lock  # the run folder's lock, held until the child ends (see wait)
         self.run_dir = run_dir
         self.id = job_id
         self.checkpoints = checkpoints or run_dir
@@ -91,6 +94,8 @@ class LocalJob:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self.lock is not None:
+                self.lock.close()
         if self.signals or code in INTERRUPTED or -code in (signal.SIGINT, signal.SIGTERM):
             sys.stdout.flush()
             print(self.interrupted_line(), file=sys.stderr, flush=True)
@@ -173,8 +178,14 @@ class LocalBackend:
             run_dir = interrupted
             print(f"resuming the interrupted run {run_dir} (same config); --run-dir DIR starts a new one")
         run_dir = Path(run_dir) if run_dir else default_run_dir("runs", config.run_name)
-        check_same_training(config, run_dir)
-        record_config(config, run_dir)
+        lock = contextlib.ExitStack()
+        lock.enter_context(run_lock(run_dir))  # before anything is written: a second trainer writes nothing
+        try:
+            check_same_training(config, run_dir)
+            record_config(config, run_dir)
+        except BaseException:
+            lock.close()
+            raise
         job_id = f"local-{run_dir.name}"
         env = {
             **os.environ,
@@ -184,7 +195,8 @@ class LocalBackend:
             environment.SUPERVISED: "1",  # this process reports interrupts; the training script is quiet
             "PYTHONUNBUFFERED": "1",
         }
-        process = subprocess.Popen(
+        process = _start(
+            lock,
             self.command(config, config_path, overrides, run_dir),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,  # read as bytes, relayed as written (see LocalJob._output)
@@ -198,7 +210,17 @@ class LocalBackend:
             job_id,
             checkpoints=checkpoints_of(config, run_dir),
             command=["sftbridge", "train", config_path or "CONFIG", *overrides],
+            lock=lock,
         )
+
+
+def _start(lock: contextlib.ExitStack, command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start the training process; the run folder's lock is let go if it cannot start."""
+    try:
+        return subprocess.Popen(command, **popen)
+    except BaseException:
+        lock.close()
+        raise
 
 
 def _die_with_parent() -> None:

@@ -11,6 +11,7 @@ Heavy libraries are imported inside functions so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -46,6 +47,7 @@ from sftbridge.runs import (
     git_state,
     latest_checkpoint,
     library_versions,
+    run_lock,
 )
 from sftbridge.training.sagemaker_env import SageMakerEnv
 
@@ -462,8 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     supervised = environment.is_supervised()  # `sftbridge train` prints the outcome
     run_dir = None
     try:
-        config, run_dir = resolve_config(argv, SageMakerEnv.from_environ())
-        out = train(config, run_dir)
+        sagemaker = SageMakerEnv.from_environ()
+        config, run_dir = resolve_config(argv, sagemaker)
+        # One trainer per run folder. Under `sftbridge train` the supervising process holds the lock; a
+        # SageMaker job has its container to itself.
+        lock = environment.rank() == 0 and not supervised and sagemaker.model_dir is None
+        with run_lock(run_dir) if lock else contextlib.nullcontext():
+            out = train(config, run_dir)
     except UserError as exc:
         print_error(exc)
         return exc.exit_code
