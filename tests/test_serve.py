@@ -581,3 +581,65 @@ def test_vllm_serves_the_run_on_a_gpu(trained_run: Path, expected: Any) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def test_work_for_clients_that_left_is_dropped(predictor: Any) -> None:
+    """A request whose client disconnects, or that is refused part-way (a full queue), costs the model
+    nothing more: its queued answers are dropped, not generated for no one."""
+    import asyncio
+    import time
+
+    from sftbridge.serving.batching import Job
+
+    server = start(predictor, max_queue=16)
+    worker = server.worker
+    release = threading.Event()
+
+    def busy() -> None:
+        """Hold the model's thread (a job's prompt is made there) until released, as a long answer would."""
+        prompt, entered = predictor.prompt(QUESTION), threading.Event()
+
+        def hold() -> str:
+            entered.set()
+            release.wait(60)
+            return prompt
+
+        worker.submit(Job(hold, _greedy(8), asyncio.new_event_loop()))
+        assert entered.wait(30)
+
+    def settle(expected: int) -> None:
+        deadline = time.monotonic() + 60
+        while worker.dropped < expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    try:
+        # A chat asking for 8 answers, abandoned while they wait: all 8 dropped once the model is free.
+        busy()
+        body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "n": 8, "max_tokens": 64})
+        with socket.create_connection(server.server_address[:2], timeout=30) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+            )
+            time.sleep(0.5)  # queued behind the busy model
+        time.sleep(0.2)
+        release.set()
+        settle(8)
+        assert worker.dropped == 8
+
+        # 40 prompts where 16 fit the queue: a 429, and the 16 queued ones are dropped, not generated.
+        release.clear()
+        busy()
+        status, error = post(server, "/v1/completions", {"prompt": [QUESTION] * 40, "max_tokens": 64})
+        assert status == 429 and error["error"]["type"] == "rate_limit_error"
+        release.set()
+        settle(8 + 16)
+        assert worker.dropped == 8 + 16
+        assert post(server, "/generate", {"inputs": QUESTION})[0] == 200  # and it serves on
+    finally:
+        release.set()
+        stop(server)
+
+
+def _greedy(max_new_tokens: int) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "stop": [], "seed": None, "prefill": False}

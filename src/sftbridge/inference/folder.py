@@ -12,6 +12,7 @@ or the merged weights), and :attr:`~ModelFolder.prompter` gives the run's prompt
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,6 +35,8 @@ from sftbridge.runs import (
 if TYPE_CHECKING:
     from sftbridge.data.prompter import Prompter
     from sftbridge.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -166,7 +169,10 @@ class ModelFolder:
 
         from sftbridge.models.loading import load_run_base
 
-        base = load_run_base(self.run_config, device)  # trust_remote_code as the run had it: checked at open
+        config = self.run_config
+        # The run's own say is not enough to run code (see _check_code): the user's --trust-remote-code is.
+        config.model = config.model.model_copy(update={"trust_remote_code": self.trusted})
+        base = load_run_base(config, device)
         model = PeftModel.from_pretrained(base, self.path / ADAPTER)
         model.eval()
         return model
@@ -212,9 +218,11 @@ class ModelFolder:
         if self.trusted:
             return
         if isinstance(self.manifest, RunManifest) and self.run_config.model.trust_remote_code:
-            raise RunDirError(
-                f"{self.path}: its config sets model.trust_remote_code=true, so loading it runs Python code "
-                f"from its base model ({self.base_model}); pass --trust-remote-code if you trust both"
+            log.warning(
+                "%s: its config sets model.trust_remote_code=true; ignored, so no code from its base model "
+                "(%s) runs: pass --trust-remote-code if you trust both",
+                self.path,
+                self.base_model,
             )
         for name in ("config.json", "tokenizer_config.json"):
             file = self.weights_dir / name

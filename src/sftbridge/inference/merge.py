@@ -55,17 +55,18 @@ def merge_run(
         trust_remote_code: let a run whose base needs its own code (``model.trust_remote_code``) run it.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from sftbridge.models.loading import load_run_base
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     # every check generate does (a merged folder, or code to run without the user's say, refused)
-    manifest = ModelFolder.open(run_dir, trust_remote_code=trust_remote_code).run
+    folder = ModelFolder.open(run_dir, trust_remote_code=trust_remote_code)
+    manifest = folder.run
     require_empty(out_dir, f"--out {out_dir}", "folder", UserError)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     config = manifest.run_config
+    config.model = config.model.model_copy(update={"trust_remote_code": trust_remote_code})  # the user's say
     # QLoRA or not, the adapter is merged into full-precision weights: a 4-bit weight cannot take the delta.
     base = load_run_base(config, device, unquantized=True, dtype=dtype)
     model = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()
@@ -74,7 +75,9 @@ def merge_run(
 
     with staged(out_dir, label=f"--out {out_dir}", choose="folder") as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        AutoTokenizer.from_pretrained(run_dir / ADAPTER).save_pretrained(staging)
+        for code in staging.glob("*.py"):  # a trusted base's own modules: the merged folder carries no code
+            code.unlink()
+        folder.tokenizer().save_pretrained(staging)
         record = MergedManifest(
             run_name=manifest.run_name,
             source_run=str(run_dir.resolve()),

@@ -185,20 +185,37 @@ class Predictor:
             finish = "stop_sequence"
         return DetailedGeneration(text, tracker.tokens, finish, seed, len(prompt_ids), prefill_tokens)
 
-    def generate_details_batch(self, prompts: Sequence[str], **overrides: Any) -> list[DetailedGeneration]:
+    def generate_details_batch(
+        self, prompts: Sequence[str], *, abandoned: Callable[[], bool] | None = None, **overrides: Any
+    ) -> list[DetailedGeneration]:
         """:meth:`generate_details` for several formatted prompts in one left-padded batch, greedy only (no
         stop sequences, seed or prefill): the server's batched path. Each answer has the tokens, texts and
-        log-probabilities :meth:`generate_details` gives it alone."""
+        log-probabilities :meth:`generate_details` gives it alone. ``abandoned`` is asked at every step:
+        once it says True (no one waits for these answers any more) generation stops where it is."""
         import torch
+        from transformers import StoppingCriteriaList
 
         settings = self.generation.model_copy(update=overrides)
         if settings.do_sample:
             raise ValueError("batched details are for greedy decoding")
         batch = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        stop: list[Any] = []
+        if abandoned is not None:
+
+            def stop_if_abandoned(input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full(
+                    (input_ids.shape[0],), abandoned(), dtype=torch.bool, device=input_ids.device
+                )
+
+            stop.append(stop_if_abandoned)
         with torch.inference_mode():
             output = self.model.generate(
-                **batch, **self._decoding(settings), output_scores=True, return_dict_in_generate=True
+                **batch,
+                **self._decoding(settings),
+                stopping_criteria=StoppingCriteriaList(stop),
+                output_scores=True,
+                return_dict_in_generate=True,
             )
         width = batch["input_ids"].shape[1]
         logprobs = torch.log_softmax(

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
-    """A streaming client disconnected: its generation stops at the next token."""
+    """The client disconnected: its generation stops at the next token."""
 
 
 @dataclass(eq=False)
@@ -45,7 +45,7 @@ class Job:
     future: asyncio.Future[tuple[str, DetailedGeneration]] | None = None
     events: asyncio.Queue[tuple[str, Any]] | None = None
     deadline: float = 0.0
-    gone: bool = False  # set by the HTTP side when a streaming client left
+    gone: bool = False  # set by the HTTP side when the client left: the job is dropped or stopped
     prompt: str = field(default="", init=False)
 
     @property
@@ -102,6 +102,7 @@ class ModelWorker:
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self.batches: list[int] = []  # size of each generate call, for /info and the tests
+        self.dropped = 0  # jobs whose client left before or while they ran: no generation spent on them
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._held: deque[Job] = deque()  # taken from the queue but not batchable with the batch in hand
         self._waiting = 0
@@ -136,7 +137,9 @@ class ModelWorker:
             now = time.monotonic()
             ready = []
             for job in batch:
-                if now > job.deadline:
+                if job.gone:  # the client left while it waited: nothing to answer
+                    self.dropped += 1
+                elif now > job.deadline:
                     job.fail(
                         RequestError(503, "no turn at the model within the request timeout", "overloaded")
                     )
@@ -210,7 +213,13 @@ class ModelWorker:
         # Batchable, even alone: plain generate() is cheaper per token than generate_details' streamer.
         decoding = {k: v for k, v in jobs[0].decoding.items() if k not in ("stop", "seed", "prefill")}
         self.batches.append(len(jobs))
-        results = self.predictor.generate_details_batch([job.prompt for job in jobs], **decoding)
+        results = self.predictor.generate_details_batch(
+            [job.prompt for job in jobs], abandoned=lambda: all(job.gone for job in jobs), **decoding
+        )
+        if all(job.gone for job in jobs):
+            self.dropped += len(jobs)
+            log.info("clients went away: %d answers dropped", len(jobs))
+            return
         for job, result in zip(jobs, results, strict=True):
             job.resolve(result)
 
@@ -224,10 +233,9 @@ class ModelWorker:
 
         self.batches.append(1)
         try:
-            result = self.predictor.generate_details(
-                job.prompt, on_token=on_token if job.events is not None else None, **job.decoding
-            )
+            result = self.predictor.generate_details(job.prompt, on_token=on_token, **job.decoding)
         except ClientGone:
+            self.dropped += 1
             log.info("client went away")
             return
         except Exception as exc:

@@ -169,13 +169,37 @@ class Service:
         return bytes(data)
 
     async def generate(
-        self, make_prompt: Callable[[], str], decoding: dict[str, Any]
+        self, request: Request, make_prompt: Callable[[], str], decoding: dict[str, Any]
     ) -> tuple[str, DetailedGeneration]:
+        """One answer. A client that disconnects first has its job dropped (still queued) or stopped (at its
+        next token): the worker's time goes to the clients still waiting."""
         loop = asyncio.get_running_loop()
         job = Job(make_prompt, decoding, loop, future=loop.create_future())
         self.worker.submit(job)
         assert job.future is not None
-        return await job.future
+        left = asyncio.ensure_future(_disconnected(request))
+        try:
+            waiting: set[asyncio.Future[Any]] = {job.future, left}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not job.future.done():
+                raise RequestError(499, "the client closed the request", "cancelled")
+            return job.future.result()
+        finally:
+            left.cancel()
+            if not job.future.done():  # the client left, or a sibling answer of its request failed
+                job.gone = True
+
+    async def answers(
+        self, request: Request, jobs: list[tuple[Callable[[], str], dict[str, Any]]]
+    ) -> list[tuple[str, DetailedGeneration]]:
+        """Several answers of one request (``n``, a list of prompts): if one fails (a full queue: 429), the
+        others are dropped too, since the client gets the error and none of them."""
+        tasks = [asyncio.ensure_future(self.generate(request, *job)) for job in jobs]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def stream(
         self,
@@ -219,7 +243,7 @@ class Service:
     def tgi_prompt(self, body: GenerateBody, decoding: dict[str, Any]) -> Callable[[], str]:
         return lambda: self.engine.prompt(body, decoding["max_new_tokens"])
 
-    async def tgi(self, body: GenerateBody, wrap: bool) -> Any:
+    async def tgi(self, request: Request, body: GenerateBody, wrap: bool) -> Any:
         decoding = self.engine.decoding(body.parameters)
         if body.stream:
             return await self.stream(
@@ -227,11 +251,11 @@ class Service:
                 decoding,
                 lambda write, prompt: TgiStream(write, body.parameters, prompt),
             )
-        prompt, result = await self.generate(self.tgi_prompt(body, decoding), decoding)
+        prompt, result = await self.generate(request, self.tgi_prompt(body, decoding), decoding)
         answer = generate_response(body.parameters, prompt, result)
         return [answer] if wrap else answer
 
-    async def chat(self, chat: ChatBody) -> Any:
+    async def chat(self, request: Request, chat: ChatBody) -> Any:
         body = chat.to_generate()
         decoding = self.engine.decoding(body.parameters, openai=True)
         model = chat.model or self.model_id
@@ -241,12 +265,12 @@ class Service:
                 decoding,
                 lambda write, prompt: ChatStream(write, model, chat.include_usage),
             )
-        answers = await asyncio.gather(
-            *(self.generate(self.tgi_prompt(body, decoding), _nth(decoding, i)) for i in range(chat.n))
+        answers = await self.answers(
+            request, [(self.tgi_prompt(body, decoding), _nth(decoding, i)) for i in range(chat.n)]
         )
         return chat_response([result for _, result in answers], model, chat.logprobs)
 
-    async def complete(self, body: CompletionBody) -> Any:
+    async def complete(self, request: Request, body: CompletionBody) -> Any:
         parameters = body.parameters(body.max_tokens or 16, details=True)  # 16: OpenAI's default
         decoding = self.engine.decoding(parameters, openai=True)
         model = body.model or self.model_id
@@ -262,13 +286,19 @@ class Service:
                 decoding,
                 lambda write, prompt: ChatStream(write, model, body.include_usage, completion=True),
             )
-        answers = await asyncio.gather(
-            *(self.generate(raw(text), _nth(decoding, i)) for text in body.prompts for i in range(body.n))
+        answers = await self.answers(
+            request, [(raw(text), _nth(decoding, i)) for text in body.prompts for i in range(body.n)]
         )
         results = [answers[k * body.n : (k + 1) * body.n] for k in range(len(body.prompts))]
         return completion_response(
             body.prompts, [[result for _, result in choices] for choices in results], model, body
         )
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body was read before: what comes now is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(predictor: Predictor, settings: ServeSettings, source: str = "") -> Any:
@@ -343,7 +373,7 @@ async def models(request: Request) -> dict[str, Any]:
 @routes.post("/")
 async def compat(request: Request) -> Any:
     service = _service(request)
-    return await service.tgi(parse_body(await service.read(request), GenerateBody), wrap=True)
+    return await service.tgi(request, parse_body(await service.read(request), GenerateBody), wrap=True)
 
 
 @routes.post("/invocations")
@@ -357,11 +387,11 @@ async def invocations(request: Request) -> Any:
         keys = set()
     if not keys & {"inputs", "parameters"} and "messages" in keys:
         request.state.openai = True
-        return await service.chat(parse_body(raw, ChatBody))
+        return await service.chat(request, parse_body(raw, ChatBody))
     if not keys & {"inputs", "parameters"} and "prompt" in keys:
         request.state.openai = True
-        return await service.complete(parse_body(raw, CompletionBody))
-    return await service.tgi(parse_body(raw, GenerateBody), wrap=True)
+        return await service.complete(request, parse_body(raw, CompletionBody))
+    return await service.tgi(request, parse_body(raw, GenerateBody), wrap=True)
 
 
 @routes.post("/generate")
@@ -369,7 +399,7 @@ async def generate(request: Request) -> Any:
     service = _service(request)
     body = parse_body(await service.read(request), GenerateBody)
     body.stream = False
-    return await service.tgi(body, wrap=False)
+    return await service.tgi(request, body, wrap=False)
 
 
 @routes.post("/generate_stream")
@@ -377,19 +407,19 @@ async def generate_stream(request: Request) -> Any:
     service = _service(request)
     body = parse_body(await service.read(request), GenerateBody)
     body.stream = True
-    return await service.tgi(body, wrap=False)
+    return await service.tgi(request, body, wrap=False)
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
     service = _service(request)
-    return await service.chat(parse_body(await service.read(request), ChatBody))
+    return await service.chat(request, parse_body(await service.read(request), ChatBody))
 
 
 @routes.post("/v1/completions")
 async def completions(request: Request) -> Any:
     service = _service(request)
-    return await service.complete(parse_body(await service.read(request), CompletionBody))
+    return await service.complete(request, parse_body(await service.read(request), CompletionBody))
 
 
 def _nth(decoding: dict[str, Any], i: int) -> dict[str, Any]:
