@@ -33,15 +33,29 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no learning rate, dropout or temperature: refused like any other wrong value
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def template_fields(text: str) -> list[str]:
-    """The ``{field}`` names a template string uses, in order (``{{`` escapes a brace)."""
+    """The ``{field}`` names a template string uses, in order (``{{`` escapes a brace). A field is a plain
+    name: no format spec (``{question:>4000000000}`` would build a 4 GB string), no conversion, no nesting."""
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        parsed = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(text)
+            if name is not None
+        ]
     except ValueError as exc:
         raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from exc
+    for name, spec, conversion in parsed:
+        if spec or conversion:
+            given = f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            raise ValueError(
+                f"{given}: a field is filled as written; format specs and conversions are not "
+                f"supported: write {{{name}}}"
+            )
+    return [name for name, _, _ in parsed]
 
 
 class Template(_Section):
@@ -462,9 +476,11 @@ def parse_value(raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
     try:
-        return yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         return raw  # not YAML (e.g. an unbalanced bracket in a prompt): keep the string as written
+    _check_size(value, Path(f"the value {raw[:40]!r}"))
+    return value
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -501,6 +517,28 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+MAX_CONFIG_VALUES = 100_000  # a config has a few hundred; YAML aliases nested 9 deep expand to billions
+
+
+def _check_size(raw: Any, path: Path) -> None:
+    """Refuse a document that expands (through aliases: ``&a [*b, *b, ...]``) beyond MAX_CONFIG_VALUES,
+    counting at most that many: what would exhaust memory downstream is stopped here, in milliseconds."""
+    pending, seen = [raw], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{path}: expands to over {MAX_CONFIG_VALUES} values (YAML aliases, *name, repeat what they "
+                "point to); write the values out"
+            )
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -511,6 +549,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
+        _check_size(raw, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -79,7 +79,7 @@ class RequestError(Exception):
 # ---- request bodies ------------------------------------------------------------------------------------
 class _Body(BaseModel):
     # strict: "10" is not an int and 1 is not a bool; unknown keys are errors, not silently ignored
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "temperature": Infinity
 
 
 class Parameters(_Body):
