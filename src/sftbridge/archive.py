@@ -53,12 +53,34 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
     raise RunDirError(f"{what} {member.name!r}: not a file, folder or link (device, fifo...); refusing it")
 
 
-def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract a (gzipped) tar into ``dest`` after checking every member; returns ``dest``.
+def check_whole(archive: Path) -> None:
+    """Read a gzipped archive to its end, so that gzip checks its CRC and length: tarfile stops at a garbled
+    header in the middle as if at the end of the archive, and would hand over a truncated, damaged run as
+    whole. RunDirError if the stream is damaged."""
+    import gzip
+    import zlib
 
-    Raises RunDirError naming the first unsafe member; nothing is extracted then.
+    with archive.open("rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            return  # not gzipped: tar's own header checksums are all there is
+    try:
+        with gzip.open(archive, "rb") as stream:
+            while stream.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise RunDirError(
+            f"{archive}: damaged ({exc}); download it again (sftbridge fetch JOB) before using any of it"
+        ) from None
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract a (gzipped) tar into ``dest`` after checking the whole stream and every member; returns
+    ``dest``.
+
+    Raises RunDirError naming a damaged archive or the first unsafe member; nothing is extracted then.
     """
     archive, dest = Path(archive), Path(dest)
+    check_whole(archive)
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
