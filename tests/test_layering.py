@@ -33,7 +33,7 @@ LAYERS: dict[str, set[str]] = {
     },
     "backends": {
         *("errors", "config", "runs", "resume", "data", "models", "planning", "training", "aws", "archive"),
-        "environment",
+        *("environment", "inference"),
     },
     "serving": {"errors", "config", "runs", "data", "models", "inference", "planning", "aws", "archive"},
 }

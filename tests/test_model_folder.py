@@ -228,3 +228,27 @@ def test_a_folder_runs_no_code_of_its_own_unless_the_user_says_so(
         assert main(argv) == 2, argv
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith(f"error: {run / 'adapter' / 'tokenizer_config.json'}: maps its classes"), argv
+
+
+def test_recorded_files_are_checked_at_open(tmp_path: Path) -> None:
+    """A run records the sha256 and size of every adapter file; a changed one is named at open."""
+    from sftbridge.runs import file_records
+
+    run = version_1_run(tmp_path / "run")
+    manifest = json.loads((run / "sftbridge.json").read_text())
+    manifest["files"] = {k: v.model_dump() for k, v in file_records(run, run / "adapter").items()}
+    (run / "sftbridge.json").write_text(json.dumps(manifest))
+    assert set(ModelFolder.open(run).manifest.files) == {
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer_config.json",
+    }
+    weights = run / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x01\x02\x03\x04"  # same size, a valid header: only the hash tells
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RunDirError) as refused:
+        ModelFolder.open(run)
+    assert str(refused.value) == (
+        f"{weights}: its sha256 differs from the one the manifest records; train or fetch again"
+    )

@@ -23,6 +23,7 @@ reads what earlier versions wrote (version 1 had no ``kind`` on a run).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -169,6 +170,11 @@ class FinalMetrics(_Record):
     eval_loss: float | None = None
 
 
+class FileRecord(_Record):
+    sha256: str
+    bytes: int
+
+
 class RunManifest(_Record):
     """A training run's ``sftbridge.json``: what it was trained from, how and where, and how it ended."""
 
@@ -191,6 +197,7 @@ class RunManifest(_Record):
     best_model: dict[str, Any] | None = None  # training.answer_metrics.best_model_record
     answer_metrics: dict[str, Any] | None = None  # training.answer_metrics.answer_record
     sagemaker: dict[str, Any] | None = None  # the job, added by `fetch` (backends.sagemaker.job)
+    files: dict[str, FileRecord] = Field(default_factory=dict)  # adapter/* as written (version 1: none)
 
     @property
     def run_config(self) -> RunConfig:
@@ -219,6 +226,7 @@ class MergedManifest(_Record):
     generation: GenerationSection
     merged_at: str
     versions: dict[str, str | None] = Field(default_factory=dict)
+    files: dict[str, FileRecord] = Field(default_factory=dict)  # every weight, config and tokenizer file
 
 
 Manifest = Annotated[RunManifest | MergedManifest, Field(discriminator="kind")]
@@ -266,6 +274,21 @@ def read_manifest(path: str | Path) -> RunManifest | MergedManifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{file}: unreadable ({exc}); train or merge again") from None
     return parse_manifest(raw, file)
+
+
+def file_records(root: Path, folder: Path) -> dict[str, FileRecord]:
+    """sha256 and size of every file under ``folder``, keyed by its path relative to ``root``."""
+    records = {}
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and not file.is_symlink():
+            digest = hashlib.sha256()
+            with file.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            records[file.relative_to(root).as_posix()] = FileRecord(
+                sha256=digest.hexdigest(), bytes=file.stat().st_size
+            )
+    return records
 
 
 def manifest_kind(path: str | Path) -> str | None:
@@ -336,6 +359,7 @@ class RunWriter:
         (self.staging / name).write_text(redact(text), encoding="utf-8")
 
     def finalize(self, manifest: RunManifest) -> Path:
+        manifest.files = file_records(self.staging, self.staging / ADAPTER)  # what opening it checks
         write_manifest(self.staging, manifest)
         publish(self.staging, self.target)
         (self.target / COMPLETE).write_text(datetime.now(timezone.utc).isoformat() + "\n", encoding="utf-8")

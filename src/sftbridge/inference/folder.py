@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TOKENIZER_FILES = ("tokenizer_config.json",)  # with tokenizer.json or a SentencePiece model beside it
+TOKENIZER_FILES = ("tokenizer_config.json",)
+# Opening checks recorded sha256s up to this many bytes (an adapter: megabytes); beyond (merged 7B weights:
+# 13 GB, half a minute to hash) sizes only, and `fetch` or verify="full" every hash.
+FULL_CHECK_BYTES = 1 << 30  # with tokenizer.json or a SentencePiece model beside it
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,14 @@ class ModelFolder:
     trusted: bool = False  # the user let this folder's model run its own code (--trust-remote-code)
 
     @classmethod
-    def open(cls, path: str | Path, *, weights: bool = True, trust_remote_code: bool = False) -> ModelFolder:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        weights: bool = True,
+        trust_remote_code: bool = False,
+        verify: Literal["quick", "full"] = "quick",
+    ) -> ModelFolder:
         """Check ``path`` and read its manifest; RunDirError naming the problem and the fix otherwise.
 
         ``weights=False`` opens a folder that holds only what formatting needs (the manifest, the tokenizer
@@ -71,6 +81,7 @@ class ModelFolder:
         folder = cls(path, read_manifest(path), trust_remote_code)
         folder._check_links()
         folder._check_files(weights)
+        folder._check_recorded(weights, full=verify == "full")
         folder._check_code()
         return folder
 
@@ -210,6 +221,32 @@ class ModelFolder:
             raise RunDirError(f"{self.path / missing}: missing; the {self.kind} folder is incomplete, {fix}")
         for file in files:
             check_safetensors(file)
+
+    def _check_recorded(self, weights: bool, *, full: bool) -> None:
+        """Every file the manifest records is there, with its size and (``full``, or up to
+        FULL_CHECK_BYTES in all: an adapter) its sha256; the first that differs is named."""
+        import hashlib
+
+        recorded = self.manifest.files
+        if not weights:  # a record: no weights beside it
+            recorded = {k: v for k, v in recorded.items() if not k.endswith(".safetensors")}
+        full = full or sum(r.bytes for r in recorded.values()) <= FULL_CHECK_BYTES
+        fix = "merge again" if self.is_merged else "train or fetch again"
+        for name, record in recorded.items():
+            file = self.path / name
+            if not file.is_file():
+                raise RunDirError(f"{file}: missing, though the manifest records it; {fix}")
+            if file.stat().st_size != record.bytes:
+                raise RunDirError(
+                    f"{file}: {file.stat().st_size} bytes, the manifest records {record.bytes}; {fix}"
+                )
+            if full:
+                digest = hashlib.sha256()
+                with file.open("rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        digest.update(chunk)
+                if digest.hexdigest() != record.sha256:
+                    raise RunDirError(f"{file}: its sha256 differs from the one the manifest records; {fix}")
 
     def _check_code(self) -> None:
         """A folder runs no code of its own unless the user says so: someone else may have written it. A run

@@ -24,6 +24,7 @@ from sftbridge.runs import (
     ADAPTER,
     AdapterRecord,
     MergedManifest,
+    file_records,
     library_versions,
     require_empty,
     staged,
@@ -92,5 +93,6 @@ def merge_run(
             merged_at=datetime.now(timezone.utc).isoformat(),
             versions=library_versions(),
         )
+        record.files = file_records(staging, staging)
         write_manifest(staging, record)
     return out_dir

@@ -17,6 +17,7 @@ from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker.spec import SPLIT_CHANNELS
 from sftbridge.config import dump_config, validate_config
 from sftbridge.errors import RunDirError, UserError
+from sftbridge.inference.folder import ModelFolder
 from sftbridge.runs import (
     CONFIG,
     MANIFEST,
@@ -152,6 +153,8 @@ class SageMakerJob:
                     f"job {self.id}: its output holds no complete sftbridge run ({MANIFEST} and COMPLETE); "
                     "was it trained by sftbridge?"
                 )
+            # Every file as the job wrote it (the manifest's sha256s), before the run is published.
+            ModelFolder.open(staging, verify="full", trust_remote_code=True)  # nothing is loaded here
             _annotate(staging, d, self._record(d))
         return target
 
