@@ -643,3 +643,30 @@ def test_work_for_clients_that_left_is_dropped(predictor: Any) -> None:
 
 def _greedy(max_new_tokens: int) -> dict[str, Any]:
     return {"max_new_tokens": max_new_tokens, "do_sample": False, "stop": [], "seed": None, "prefill": False}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        ("/generate", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        (
+            "/generate",
+            b'{"inputs": "x", "parameters": {"seed": ' + b"9" * 5000 + b"}}",
+            400,
+            "malformed JSON",
+        ),
+        ("/generate", b'{"inputs": "\\ud800"}', 400, "lone surrogate"),
+        ("/generate", b'{"inputs": "x", "parameters": {"temperature": Infinity}}', 422, "temperature"),
+        ("/v1/completions", b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "at most 4 stop"),
+    ],
+)
+def test_hostile_bodies_get_json_errors_in_the_routes_shape(
+    server: Any, path: str, body: bytes, status: int, says: str
+) -> None:
+    got, error = post(server, path, body)
+    assert got == status, error
+    message = error["error"]["message"] if path.startswith("/v1/") else error["error"]
+    assert says in message
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.request("HEAD", "/ping")
+    assert connection.getresponse().status == 200

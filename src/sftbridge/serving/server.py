@@ -344,8 +344,8 @@ def _service(request: Request) -> Service:
     return service
 
 
-@routes.get("/ping")
-@routes.get("/health")
+@routes.api_route("/ping", methods=["GET", "HEAD"])  # HEAD: what load balancers and curl -I ask
+@routes.api_route("/health", methods=["GET", "HEAD"])
 async def ping() -> dict[str, str]:
     return {"status": "ok"}
 

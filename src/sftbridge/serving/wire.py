@@ -208,6 +208,13 @@ class _OpenAIBody(BaseModel):
             log.warning("response_format %r ignored: no guided decoding", self.response_format.get("type"))
         return self
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences (got {len(value)})")
+        return value
+
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -280,12 +287,37 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits: Python's int-parsing limit
+        raise RequestError(400, f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    _check_text(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestError(422, "; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def _check_text(data: Any) -> None:
+    """Every string is text the tokenizer can take: JSON's \\ud800 escapes allow a lone surrogate, which no
+    UTF-8 encoder takes."""
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    400, "malformed JSON: a string holds a lone surrogate (\\ud800-\\udfff)"
+                ) from None
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def _describe(error: Any) -> str:
