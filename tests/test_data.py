@@ -160,3 +160,27 @@ def test_over_length_error_names_the_line(tmp_path: Path, tokenizer: Any) -> Non
     )
     with pytest.raises(DataError, match=r"train.jsonl line 2: \d+ tokens, over data.max_length=64"):
         encode_split(data.train, data.prompt_format("chat_template", None), tokenizer, 64, "error")
+
+
+def test_the_recorded_sha256_is_of_the_bytes_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line appended while the run starts (here: while its records are checked) is not in the records,
+    so it must not be in the recorded digest either."""
+    import hashlib
+
+    from sftbridge.config import DataSection
+    from sftbridge.data import loading
+
+    rows = [{"question": f"q{i}?", "correct_answer": f"a{i}"} for i in range(4)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    original = path.read_bytes()
+    check = loading.check_record
+
+    def appended_meanwhile(*args: Any, **kwargs: Any) -> list[str]:
+        with path.open("a") as handle:
+            handle.write('{"question": "late?", "correct_answer": "late"}\n')
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "check_record", appended_meanwhile)
+    loaded = loading.load_data(DataSection(train_file=str(path), validation_split_ratio=0))
+    assert len(loaded.train) == 4
+    assert loaded.sha256 == {str(path): hashlib.sha256(original).hexdigest()}

@@ -76,11 +76,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Record]:
+def read_jsonl(
+    path: Path, problems: list[str] | None = None, digests: dict[str, str] | None = None
+) -> list[Record]:
     """Every non-blank line of a JSONL file as an object; all problems reported at once.
 
     With ``problems`` given, line problems are appended there (for the caller to report with its own),
-    not raised.
+    not raised. With ``digests``, the sha256 of the very bytes parsed is put there under ``str(path)``: a file
+    appended to while a run starts is recorded as it was read, not as it is a moment later.
     """
     if not path.is_file():
         if path.is_absolute():
@@ -89,7 +92,10 @@ def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Record]:
             f"{path}: file not found in the current folder ({Path.cwd()}); run from the folder the config's "
             "data paths start from (the repository root for configs/*.yaml), or make them absolute"
         )
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is harmless: drop it
+    read = path.read_bytes()
+    if digests is not None:
+        digests[str(path)] = hashlib.sha256(read).hexdigest()
+    raw = read.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is harmless: drop it
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs one JSON object per line")
     records: list[Record] = []
@@ -217,7 +223,8 @@ def load_data(cfg: DataSection, *, eval_strategy: str = "epoch", with_test: bool
     """Read and validate every data file of a config. Raises DataError naming file and line."""
     train_path = Path(cfg.train_file)
     problems: list[str] = []
-    train = read_jsonl(train_path, problems)
+    digests: dict[str, str] = {}
+    train = read_jsonl(train_path, problems, digests)
     if not train:
         _raise_if(problems)
     template, source = cfg.template, "data.template"
@@ -233,7 +240,7 @@ def load_data(cfg: DataSection, *, eval_strategy: str = "epoch", with_test: bool
         name = getattr(cfg, f"{role}_file")
         if name and (role != "test" or with_test):
             paths[role] = Path(name)
-            splits[role] = read_jsonl(Path(name), problems)
+            splits[role] = read_jsonl(Path(name), problems, digests)
     problems += [
         p for records in splits.values() for record in records for p in check_record(record, fmt, template)
     ]
@@ -249,7 +256,7 @@ def load_data(cfg: DataSection, *, eval_strategy: str = "epoch", with_test: bool
         train=splits["train"],
         validation=splits["validation"],
         test=splits["test"],
-        sha256={str(path): sha256_file(path) for path in paths.values()},
+        sha256={str(path): digests[str(path)] for path in paths.values()},
     )
 
 
