@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from sftbridge.errors import Interrupted, UserError
-from sftbridge.runs import checkpoint_dir_for, load_manifest
+from sftbridge.runs import checkpoint_dir_for, latest_checkpoint, load_manifest
 from sftbridge.training.train import train
 
 # 24 rows, batch 8: 3 steps an epoch; 8 steps = 2 epochs and a bit.
@@ -104,6 +104,46 @@ def test_failed_save_leaves_the_previous_checkpoint(
     monkeypatch.undo()
     finished = train(tiny_config(**STEPS), run_dir)
     assert load_manifest(finished).model_dump(mode="json")["resumed_from"].endswith("checkpoint-2")
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_space_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final save runs out of space (injected where safetensors writes): the training script says so in
+    one line, the run folder is not half-written, and the checkpoint to resume from stays."""
+    import errno
+
+    import safetensors.torch
+
+    from conftest import SAMPLE_TRAIN
+    from sftbridge.training.train import main
+
+    real = safetensors.torch.save_file
+
+    def full(tensors: Any, filename: str, *args: Any, **kwargs: Any) -> None:
+        if "adapter" in str(filename) and "checkpoint" not in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    run_dir = tmp_path / "run"
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        "--run-dir",
+        str(run_dir),
+        f"data.train_file={SAMPLE_TRAIN}",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "train.answer_metrics=false",
+        'train.eval_strategy="no"',
+    ]
+    assert main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {run_dir.parent / '.run.partial' / 'adapter'}")
+    assert "no space left on its disk (" in line and "GiB free); free some" in line
+    assert not run_dir.exists() and not (tmp_path / ".run.partial").exists()
+    assert latest_checkpoint(checkpoint_dir_for(run_dir)) is not None
 
 
 def test_private_override_still_fits_transformers() -> None:

@@ -303,3 +303,21 @@ def test_the_same_command_finds_the_interrupted_run_of_its_config(tmp_path: Path
     (root / "tiny-cpu-20260101-000000" / "COMPLETE").write_text("")
     (root / "tiny-cpu-20260101-000000" / "sftbridge.json").write_text(json.dumps({}))
     assert find_interrupted(config, root) is None  # a finished run is not resumed
+
+
+@pytest.mark.slow
+def test_a_killed_training_process_still_gets_its_resume_line(tmp_path: Path) -> None:
+    """kill -9 of the training child (the OOM killer, a user's kill): it cannot say anything itself, so the
+    CLI says what is left and how to go on."""
+    process = start(tmp_path, "train.save_steps=2", "train.max_steps=200", "--run-dir", str(tmp_path / "run"))
+    child, _ = until_training(process)
+    checkpoints = tmp_path / "run.checkpoints"
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(checkpoints) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGKILL
+    (line,) = [line for line in err.splitlines() if line.startswith("the training process was killed")]
+    assert line.startswith("the training process was killed (SIGKILL); interrupted: checkpoint ")
+    assert f"resume with: sftbridge train {ARGS[0]}" in line and f"--resume {tmp_path / 'run'}" in line

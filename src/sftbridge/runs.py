@@ -344,6 +344,32 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def storage_error(exc: BaseException, where: Path) -> UserError | None:
+    """A full disk, a read-only or unwritable target as one line naming the path (and the space left), or
+    None for any other error. torch's checkpoint writer and safetensors report a full disk in their own words
+    (``unexpected pos``, ``No space left``)."""
+    import errno
+    import shutil as _shutil
+
+    path = Path(getattr(exc, "filename", None) or where)
+    text = str(exc)
+    number = getattr(exc, "errno", None)
+    full = number in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "unexpected pos" in text
+    if not full and number not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = _shutil.disk_usage(existing).free / 2**30
+    if full:
+        return UserError(
+            f"{path}: no space left on its disk ({free:.1f} GiB free); free some, or write the run and its "
+            "checkpoints elsewhere (--run-dir, train.checkpoint_dir), then run the same command to resume"
+        )
+    return UserError(
+        f"{path}: cannot write there ({os.strerror(number or errno.EACCES)}); choose a writable --run-dir "
+        "(and train.checkpoint_dir)"
+    )
+
+
 class RunWriter:
     """Builds a run directory under ``.<name>.partial`` and moves it into place on ``finalize``."""
 

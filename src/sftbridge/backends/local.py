@@ -100,9 +100,17 @@ class LocalJob:
             sys.stdout.flush()
             print(self.interrupted_line(), file=sys.stderr, flush=True)
             return 128 + (self.signals[0] if self.signals else abs(code) % 128)
+        if code < 0:  # killed by a signal not sent through us (kill -9, the OOM killer...): say what is left
+            sys.stdout.flush()
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            print(f"the training process was killed ({name}); {self.interrupted_line()}", file=sys.stderr)
+            return 128 - code
         if code != 0 and self.checkpoints != self.run_dir:
             discard_unstarted(self.checkpoints)
-        return code if code >= 0 else 128 - code  # killed by a signal not sent through us (OOM killer...)
+        return code
 
     def _forward(self, signum: int, _frame: Any) -> None:
         """The first signal goes to the child (torchrun passes it on to each worker once): finish the step and

@@ -48,6 +48,7 @@ from sftbridge.runs import (
     latest_checkpoint,
     library_versions,
     run_lock,
+    storage_error,
 )
 from sftbridge.training.sagemaker_env import SageMakerEnv
 
@@ -483,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         if not supervised:
             print(f"interrupted by {signal.Signals(signum).name}: stopped at once", file=sys.stderr)
         return 128 + signum
+    except Exception as exc:
+        # A full disk or a read-only target (torch and safetensors say it in their own words): one line.
+        problem = storage_error(exc, run_dir or Path("."))
+        if problem is None:
+            raise
+        print_error(problem)
+        return problem.exit_code
     if environment.rank() == 0 and not supervised:
         print(f"run directory: {out}")
     return 0
