@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 from safetensors.numpy import save_file
@@ -45,6 +44,21 @@ def version_1_run(folder: Path) -> Path:
     return folder
 
 
+def merged_manifest(source_run: str) -> MergedManifest:
+    """What `sftbridge merge` records for a merge of ``source_run``."""
+    return MergedManifest.model_validate(
+        {
+            "source_run": source_run,
+            "base_model": {"name_or_path": "builtin:tiny-llama"},
+            "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+            "dtype": "float32",
+            "prompt_format": PROMPT,
+            "generation": {},
+            "merged_at": "2026-12-06T00:00:00+00:00",
+        }
+    )
+
+
 def test_a_version_1_manifest_reads_as_a_typed_run(tmp_path: Path) -> None:
     folder = ModelFolder.open(version_1_run(tmp_path / "run"))
     assert folder.kind == "run" and not folder.is_merged
@@ -59,17 +73,7 @@ def test_a_version_1_manifest_reads_as_a_typed_run(tmp_path: Path) -> None:
 def test_a_merged_manifest_round_trips(tmp_path: Path) -> None:
     from sftbridge.runs import write_manifest
 
-    merged = MergedManifest.model_validate(
-        {
-            "source_run": "/runs/tiny",
-            "base_model": {"name_or_path": "builtin:tiny-llama"},
-            "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
-            "dtype": "float32",
-            "prompt_format": PROMPT,
-            "generation": {},
-            "merged_at": "2026-12-06T00:00:00+00:00",
-        }
-    )
+    merged = merged_manifest("/runs/tiny")
     write_manifest(tmp_path, merged)
     assert read_manifest(tmp_path) == merged
     assert json.loads((tmp_path / "sftbridge.json").read_text())["kind"] == "merged"
@@ -167,16 +171,7 @@ def test_merge_refuses_a_merged_folder(tmp_path: Path, capsys: pytest.CaptureFix
 
     merged = tmp_path / "merged"
     merged.mkdir()
-    record: dict[str, Any] = {
-        "source_run": str(tmp_path / "run"),
-        "base_model": {"name_or_path": "builtin:tiny-llama"},
-        "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
-        "dtype": "float32",
-        "prompt_format": PROMPT,
-        "generation": {},
-        "merged_at": "2026-12-06T00:00:00+00:00",
-    }
-    write_manifest(merged, MergedManifest.model_validate(record))
+    write_manifest(merged, merged_manifest(str(tmp_path / "run")))
     (merged / "config.json").write_text("{}")
     (merged / "tokenizer_config.json").write_text("{}")
     save_file({"w": __import__("numpy").zeros((2, 2), dtype="float32")}, merged / "model.safetensors")

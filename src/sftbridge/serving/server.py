@@ -396,17 +396,19 @@ async def invocations(request: Request) -> Any:
 
 @routes.post("/generate")
 async def generate(request: Request) -> Any:
-    service = _service(request)
-    body = parse_body(await service.read(request), GenerateBody)
-    body.stream = False
-    return await service.tgi(request, body, wrap=False)
+    return await _tgi_route(request, stream=False)
 
 
 @routes.post("/generate_stream")
 async def generate_stream(request: Request) -> Any:
+    return await _tgi_route(request, stream=True)
+
+
+async def _tgi_route(request: Request, *, stream: bool) -> Any:
+    """TGI's /generate and /generate_stream: the route, not the body, says whether to stream."""
     service = _service(request)
     body = parse_body(await service.read(request), GenerateBody)
-    body.stream = True
+    body.stream = stream
     return await service.tgi(request, body, wrap=False)
 
 
