@@ -181,6 +181,8 @@ def test_bar_on_a_terminal_starts_at_the_resumed_step(tiny_config: Any, tmp_path
     bar = [frame for frame in frames if frame.startswith("train:")]
     assert bar[0].startswith("train:  67%") and " 4/6 " in bar[0], bar[0]
     assert any(" 6/6 [" in frame and "loss=" in frame and "tok/s=" in frame for frame in bar), bar[-3:]
+    # The epoch is the bar's own, every step; the loss says which step logged it.
+    assert any(re.search(r"epoch=\d\.\d\d loss=[\d.]+ .*\(step \d\)", frame) for frame in bar), bar[-3:]
     assert any(re.search(r"\| 5/6 \[\d\d:\d\d<\d\d:\d\d", frame) for frame in bar)  # elapsed<ETA
     assert "[train] " not in output
 

@@ -81,6 +81,7 @@ class Progress(TrainerCallback):
         self._started = 0.0
         self._first_step = 0
         self._last: tuple[float, float] = (0.0, 0.0)  # (time, num_tokens) at the previous train log
+        self._logged = ""  # the bar's postfix from the last training log
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._started = time.time()
@@ -100,6 +101,10 @@ class Progress(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
+            # The epoch moves every step; the loss only when logged: the postfix says which step it is from.
+            self.bar.set_postfix_str(
+                f"epoch={float(state.epoch or 0):.2f} {self._logged}".strip(), refresh=False
+            )
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(
@@ -120,7 +125,8 @@ class Progress(TrainerCallback):
         line = self.format(record, state, now)
         if self.bar is not None:
             if "loss" in record:
-                self.bar.set_postfix_str(self._postfix(record), refresh=True)
+                self._logged = f"{self._postfix(record)} (step {state.global_step})"
+                self.bar.set_postfix_str(self._logged, refresh=True)
             else:
                 self.bar.write(line, file=sys.stderr)
         else:
@@ -164,10 +170,8 @@ class Progress(TrainerCallback):
         return " ".join(parts)
 
     def _postfix(self, record: dict[str, Any]) -> str:
-        parts = []
-        if "epoch" in record:
-            parts.append(f"epoch={float(record['epoch']):.2f}")
-        parts += [f"{name}={_number(record[key])}" for key, name in TRAIN_FIELDS[:2] if key in record]
+        """The last logged loss and throughput (the epoch is the bar's own, updated every step)."""
+        parts = [f"{name}={_number(record[key])}" for key, name in TRAIN_FIELDS[:2] if key in record]
         if TOKENS_PER_SECOND in record:
             parts.append(f"tok/s={record[TOKENS_PER_SECOND]:.0f}")
         return " ".join(parts)
