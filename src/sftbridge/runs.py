@@ -318,7 +318,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
     A second trainer on the same folder is refused at once (RunDirError naming the holder's pid) instead of
     mixing two runs' checkpoints, metrics and manifest. The kernel drops the lock when its process ends,
-    however it ends; the empty file is left (removing it would race with a waiting taker)."""
+    however it ends (a lock left by a dead process is simply taken); a holder that ends normally removes the
+    file. A taker checks that the file it locked is still the one at the path, so a removal between its open
+    and its lock cannot give two holders."""
     import fcntl
 
     run_dir = Path(run_dir)
@@ -328,6 +330,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise BlockingIOError  # its holder finished and removed it meanwhile: busy a moment ago
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -339,7 +343,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
-        yield
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still holding the lock: no one else can have taken this file
     finally:
         handle.close()
 
