@@ -95,13 +95,13 @@ def test_the_hook_makes_bitsandbytes_warn_at_import(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_an_import_time_warning_changes_no_command(trained_run: Path, tmp_path: Path) -> None:
+def test_an_import_time_warning_changes_no_command(short_run: Path, tmp_path: Path) -> None:
     """Each command on a plain CPU and on a hooked one, side by side, each on its own copy of the run (eval
     writes into the run it scores): the same exit code and output, but for the copy's name."""
     pytest.importorskip("bitsandbytes")
     envs = {"plain": plain_env(), "hooked": avx512bf16_env(tmp_path)}
     for name in envs:
-        shutil.copytree(trained_run, tmp_path / name)
+        shutil.copytree(short_run, tmp_path / name)
 
     def argv_for(name: str) -> list[list[str]]:
         run = str(tmp_path / name)

@@ -113,9 +113,9 @@ def test_warmup_ratio_is_a_share_of_the_steps(tiny_config: object) -> None:
 
 
 @pytest.fixture
-def finished_run(trained_run: Path, tmp_path: Path) -> Path:
-    """A copy of the session's trained run that a test may damage."""
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+def finished_run(short_run: Path, tmp_path: Path) -> Path:
+    """A copy of the session's short run that a test may damage."""
+    return Path(shutil.copytree(short_run, tmp_path / "run"))
 
 
 def quick(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -152,15 +152,15 @@ def test_run_folder_problems_are_one_line_before_heavy_imports(finished_run: Pat
 
 
 @pytest.mark.slow
-def test_generate_and_eval_accept_a_merged_folder(trained_run: Path, tmp_path: Path) -> None:
+def test_generate_and_eval_accept_a_merged_folder(short_run: Path, tmp_path: Path) -> None:
     from conftest import SAMPLE_TEST
 
     merged = tmp_path / "merged"
-    assert run_cli("merge", str(trained_run), "--out", str(merged)).returncode == 0
+    assert run_cli("merge", str(short_run), "--out", str(merged)).returncode == 0
     question = json.loads(SAMPLE_TEST.read_text().splitlines()[0])["question"]
     evaluate = ["eval", str(merged), "--data", str(SAMPLE_TEST), "--limit", "2", "--device", "cpu"]
     from_run, from_merged, evaluated = run_clis(
-        (["generate", str(trained_run), question, "--device", "cpu"], None),
+        (["generate", str(short_run), question, "--device", "cpu"], None),
         (["generate", str(merged), question, "--device", "cpu"], None),
         ([*evaluate, "--json", str(tmp_path / "eval.json")], None),
     )
