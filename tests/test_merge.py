@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import cli
 
 QUESTIONS = [
     "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?",
@@ -67,15 +65,14 @@ def test_merged_model_matches_base_plus_adapter(short_run: Path, tmp_path: Path)
     assert [g.text for g in served.generate(prompts)] == [g.text for g in predictor.generate(prompts)]
 
 
-@pytest.mark.slow
 def test_merge_command(short_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    command = [sys.executable, "-m", "sftbridge.cli", "merge", str(short_run), "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    command = ["merge", str(short_run), "--out", str(out)]
+    result = cli(*command)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"merged model: {out}" in result.stdout.splitlines()  # our line; libraries may add theirs
     assert (out / "model.safetensors").is_file() and (out / "sftbridge.json").is_file()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    again = cli(*command)
     assert again.returncode == 2
     assert (
         f"error: --out {out}: already exists and is not empty; choose another folder"
