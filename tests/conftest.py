@@ -99,6 +99,8 @@ def cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> CliR
                 code = main(list(args))
             except SystemExit as exit_info:  # argparse: --help, --version, usage errors
                 code = exit_info.code if isinstance(exit_info.code, int) else 1 if exit_info.code else 0
+                if isinstance(exit_info.code, str):  # what the interpreter prints for sys.exit("message")
+                    print(exit_info.code, file=sys.stderr)
     finally:
         os.chdir(previous)
         os.environ.clear()
