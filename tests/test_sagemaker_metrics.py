@@ -76,6 +76,7 @@ def test_the_real_scripts_output_is_charted(tiny_config: Any, tmp_path: Path) ->
         train__eval_strategy="steps",
         train__eval_steps=2,
         train__max_steps=4,
+        train__answer_metrics=True,  # charted too (tiny_config leaves them off)
     )
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(config), encoding="utf-8")
