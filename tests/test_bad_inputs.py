@@ -2,13 +2,11 @@
 key), exit code 2, and leaves no run directory. Runs the real CLI entry point in-process (validation happens
 before any subprocess or model load)."""
 
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from sftbridge.cli import main
+from conftest import ROOT, cli
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
@@ -47,21 +45,14 @@ def test_corpus_size() -> None:
     assert files == set(DATA_CASES) | set(CONFIG_CASES) | {"accepted_bom_crlf.jsonl"}
 
 
-def run_cli(args: list[str], where: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    cwd = os.getcwd()
-    os.chdir(where)
-    try:
-        code = main(args)
-    finally:
-        os.chdir(cwd)
-    return code, capsys.readouterr().err
+def run_cli(args: list[str], where: Path) -> tuple[int, str]:
+    result = cli(*args, cwd=where)
+    return result.returncode, result.stderr
 
 
 @pytest.mark.parametrize("name", sorted(DATA_CASES))
-def test_bad_data(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run_cli(
-        ["train", TINY, f"data.train_file={CORPUS / name}", "data.test_file=null"], tmp_path, capsys
-    )
+def test_bad_data(name: str, tmp_path: Path) -> None:
+    code, err = run_cli(["train", TINY, f"data.train_file={CORPUS / name}", "data.test_file=null"], tmp_path)
     assert code == 2
     assert DATA_CASES[name] in err
     assert "Traceback" not in err
@@ -69,18 +60,18 @@ def test_bad_data(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CASES))
-def test_bad_config(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run_cli(["train", str(CORPUS / name)], ROOT, capsys)
+def test_bad_config(name: str, tmp_path: Path) -> None:
+    code, err = run_cli(["train", str(CORPUS / name)], ROOT)
     assert code == 2
     for expected in CONFIG_CASES[name]:
         assert expected in err
     assert not (tmp_path / "runs").exists()
 
 
-def test_ten_megabyte_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ten_megabyte_line(tmp_path: Path) -> None:
     huge = tmp_path / "huge.jsonl"
     huge.write_text('{"question": "' + "why " * (10 << 18) + '", "correct_answer": "x"}\n')
-    code, err = run_cli(["train", TINY, f"data.train_file={huge}", "data.test_file=null"], tmp_path, capsys)
+    code, err = run_cli(["train", TINY, f"data.train_file={huge}", "data.test_file=null"], tmp_path)
     assert code == 2
     assert "huge.jsonl line 1: 10.0 MB on one line (the limit is 4 MB)" in err
     assert not (tmp_path / "runs").exists()

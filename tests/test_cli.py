@@ -1,4 +1,4 @@
-"""The real CLI end to end, through subprocesses, as a user runs it."""
+"""The real CLI: its output and exit codes in process (conftest.cli), end to end through subprocesses."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FAKE_TOKEN, ROOT, SAMPLE_TRAIN, write_jsonl
+from conftest import FAKE_TOKEN, ROOT, SAMPLE_TRAIN, cli, write_jsonl
 from conftest import run_cli as sftbridge
 
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
@@ -17,7 +17,7 @@ CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 def test_help_lists_the_commands() -> None:
     from sftbridge.cli import COMMANDS
 
-    result = sftbridge("--help")
+    result = cli("--help")
     assert result.returncode == 0
     for command in COMMANDS:
         assert command in result.stdout
@@ -129,17 +129,15 @@ def test_train_generate_eval_end_to_end(tmp_path: Path) -> None:
 
 def test_overrides_may_follow_options() -> None:
     """`preview CONFIG --json --n 1 data.max_length=40 ...`: overrides after options still apply."""
-    result = sftbridge(
-        "preview", CONFIG, "--json", "--n", "1", "data.max_length=40", "data.over_length=truncate"
-    )
+    result = cli("preview", CONFIG, "--json", "--n", "1", "data.max_length=40", "data.over_length=truncate")
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout.splitlines()[0])["input_ids"]) == 40
-    unknown = sftbridge("preview", CONFIG, "--n", "1", "--bogus")
+    unknown = cli("preview", CONFIG, "--n", "1", "--bogus")
     assert unknown.returncode == 2 and "unrecognized arguments: --bogus" in unknown.stderr
 
 
 def test_preview_json_matches_the_training_path(tokenizer: Any) -> None:
-    result = sftbridge("preview", CONFIG, "--n", "2", "--json")
+    result = cli("preview", CONFIG, "--n", "2", "--json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2
@@ -150,7 +148,7 @@ def test_preview_json_matches_the_training_path(tokenizer: Any) -> None:
 
 
 def test_preview_marks_the_trained_span() -> None:
-    result = sftbridge("preview", CONFIG, "--n", "1")
+    result = cli("preview", CONFIG, "--n", "1")
     assert result.returncode == 0, result.stderr
     first = json.loads(SAMPLE_TRAIN.read_text().splitlines()[0])
     assert f"[/INST]⟦ {first['correct_answer']} </s>⟧" in result.stdout
@@ -167,7 +165,7 @@ def test_preview_marks_the_trained_span() -> None:
 )
 def test_bad_data_exits_2_and_creates_nothing(tmp_path: Path, setup: Any, message: str) -> None:
     setup(tmp_path)
-    result = sftbridge(
+    result = cli(
         "train", CONFIG, f"data.train_file={tmp_path / 't.jsonl'}", "data.test_file=null", cwd=tmp_path
     )
     assert result.returncode == 2
@@ -177,7 +175,7 @@ def test_bad_data_exits_2_and_creates_nothing(tmp_path: Path, setup: Any, messag
 
 
 def test_bad_config_exits_2(tmp_path: Path) -> None:
-    result = sftbridge("train", CONFIG, "lora.r=0", "train.epoch=3", cwd=tmp_path)
+    result = cli("train", CONFIG, "lora.r=0", "train.epoch=3", cwd=tmp_path)
     assert result.returncode == 2
     assert "lora.r: Input should be greater than 0" in result.stderr
     assert "train.epoch: unknown key; did you mean 'epochs'?" in result.stderr
@@ -185,7 +183,7 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
 
 def test_unfinished_run_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "sftbridge.json").write_text("{}")
-    result = sftbridge("generate", str(tmp_path), "hi")
+    result = cli("generate", str(tmp_path), "hi")
     assert result.returncode == 2
     assert "did not finish" in result.stderr
 
@@ -193,11 +191,11 @@ def test_unfinished_run_directory_is_refused(tmp_path: Path) -> None:
 def test_version_and_verbose_anywhere() -> None:
     from sftbridge import __version__
 
-    result = sftbridge("--version")
+    result = cli("--version")
     assert result.returncode == 0
     assert result.stdout == f"sftbridge {__version__}\n"
     # -v after the command works like -v before it (it used to be "unrecognized arguments").
-    late = sftbridge("plan", CONFIG, "-v")
+    late = cli("plan", CONFIG, "-v")
     assert late.returncode == 0, late.stderr
 
 

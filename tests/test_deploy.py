@@ -6,18 +6,17 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import FAKE_TOKEN
+from conftest import AWS_REGION, FAKE_TOKEN
 
 moto = pytest.importorskip("moto")
 pytest.importorskip("sagemaker")
 
-REGION = "us-east-1"
+REGION = AWS_REGION
 ACCOUNT = "123456789012"  # moto's account
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/SageMakerExecution"
 BUCKET = f"sagemaker-{REGION}-{ACCOUNT}"  # the SDK's default bucket
@@ -50,26 +49,10 @@ class Recorder:
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Recorder]:
-    """Fake credentials, a region, the SDK's telemetry off, moto in-process; records every request."""
+def aws(fake_aws: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """conftest's fake AWS (moto in-process), recording every request."""
     import boto3
 
-    config = tmp_path / "sagemaker-config.yaml"
-    config.write_text(
-        "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
-    )
-    monkeypatch.setenv("SAGEMAKER_USER_CONFIG_OVERRIDE", str(config))
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
     recorder = Recorder()
     real_session = boto3.Session
 
@@ -80,8 +63,7 @@ def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Recorder]:
         return created
 
     monkeypatch.setattr(boto3, "Session", session)
-    with moto.mock_aws():
-        yield recorder
+    return recorder
 
 
 def s3_objects(bucket: str = BUCKET) -> dict[str, bytes]:
@@ -129,7 +111,7 @@ def renders_like_the_run(template: bytes, predictor: Any) -> None:
         assert rendered == predictor.prompt(messages)
 
 
-def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> None:
+def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, short_run: Path) -> None:
     import boto3
     from botocore.exceptions import ClientError
 
@@ -137,7 +119,7 @@ def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> Non
     from sftbridge.serving.deploy import deploy, undeploy
     from sftbridge.serving.endpoint import invoke
 
-    result = deploy(trained_run, name="tiny-endpoint", instance_type=INSTANCE, role=ROLE)
+    result = deploy(short_run, name="tiny-endpoint", instance_type=INSTANCE, role=ROLE)
     data_url = f"s3://{BUCKET}/sftbridge/endpoints/tiny-endpoint/model.tar.gz"
     assert result["status"] == "InService" and result["model_data"] == data_url
     assert (result["engine"], result["mode"]) == ("vllm", "merged")
@@ -180,7 +162,7 @@ def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> Non
     } <= set(members)
     assert not any("/" in name for name in members)
     assert json.loads(members["config.json"])["dtype"] == "float16"
-    predictor = Predictor.from_run(trained_run, device="cpu")
+    predictor = Predictor.from_run(short_run, device="cpu")
     renders_like_the_run(members["chat_template.jinja"], predictor)
     recorded = {key.rsplit("/", 1)[1] for key in s3_objects() if "/record/" in key}
     assert {"sftbridge.json", "tokenizer.json"} <= recorded and not any(".safetensors" in k for k in recorded)
@@ -226,13 +208,13 @@ def test_deploy_on_vllm_invoke_undeploy(aws: Recorder, trained_run: Path) -> Non
         ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"),
     ],
 )
-def test_deploy_base_and_adapter_on_vllm(aws: Recorder, trained_run: Path, base: str, model: str) -> None:
+def test_deploy_base_and_adapter_on_vllm(aws: Recorder, short_run: Path, base: str, model: str) -> None:
     from sftbridge.inference.predictor import Predictor
     from sftbridge.serving.deploy import deploy
     from sftbridge.serving.endpoint import invoke
 
     result = deploy(
-        trained_run,
+        short_run,
         name="lora-endpoint",
         mode="adapter",
         base=base,
@@ -273,7 +255,7 @@ def test_deploy_base_and_adapter_on_vllm(aws: Recorder, trained_run: Path, base:
         "chat_template.jinja",
     } <= set(members)
     assert "sftbridge.json" in members and "model.safetensors" not in members
-    predictor = Predictor.from_run(trained_run, device="cpu")
+    predictor = Predictor.from_run(short_run, device="cpu")
     renders_like_the_run(members["chat_template.jinja"], predictor)
     set_endpoint_answer({"choices": [{"message": {"content": " melanin"}, "finish_reason": "stop"}]})
     request, answer = invoke("lora-endpoint", QUESTION)  # the record has the run's layout: adapter/ inside
@@ -283,13 +265,13 @@ def test_deploy_base_and_adapter_on_vllm(aws: Recorder, trained_run: Path, base:
 
 
 def test_cli_deploys_a_merged_folder(
-    aws: Recorder, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    aws: Recorder, short_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from sftbridge.cli import main
     from sftbridge.inference.merge import merge_run
     from sftbridge.inference.predictor import Predictor
 
-    merged = merge_run(trained_run, tmp_path / "merged", dtype="bfloat16", device="cpu")
+    merged = merge_run(short_run, tmp_path / "merged", dtype="bfloat16", device="cpu")
     args = [
         "deploy",
         str(merged),
@@ -316,7 +298,7 @@ def test_cli_deploys_a_merged_folder(
     set_endpoint_answer([{"generated_text": " melanin ", "details": {"finish_reason": "eos_token"}}])
     assert main(["invoke", "cli-endpoint", QUESTION, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    predictor = Predictor.from_run(trained_run, device="cpu")
+    predictor = Predictor.from_run(short_run, device="cpu")
     assert shown["request"] == {
         "inputs": predictor.prompt(QUESTION),
         "parameters": {
@@ -367,7 +349,7 @@ def test_cli_deploys_a_merged_folder(
 )
 def test_preflight_errors_are_one_line_and_come_before_any_upload(
     aws: Recorder,
-    trained_run: Path,
+    short_run: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     change: dict[str, str | None],
@@ -380,9 +362,7 @@ def test_preflight_errors_are_one_line_and_come_before_any_upload(
         if value is None:
             monkeypatch.delenv(name)
     options = {"--instance-type": INSTANCE, "--role": ROLE, "--name": "tiny", **args}
-    argv = ["deploy", str(trained_run)] + [
-        part for k, v in options.items() if v is not None for part in (k, v)
-    ]
+    argv = ["deploy", str(short_run)] + [part for k, v in options.items() if v is not None for part in (k, v)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
@@ -390,7 +370,7 @@ def test_preflight_errors_are_one_line_and_come_before_any_upload(
 
 
 def test_a_bucket_that_cannot_be_written_is_refused_before_upload(
-    aws: Recorder, trained_run: Path, monkeypatch: pytest.MonkeyPatch
+    aws: Recorder, short_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """moto enforces IAM here: a user whose policy denies s3:PutObject."""
     import boto3
@@ -414,20 +394,20 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_upload(
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         with pytest.raises(DeployError, match=r"--bucket: cannot write to s3://read-only-bucket/"):
-            deploy(trained_run, name="tiny", instance_type=INSTANCE, role=ROLE, bucket="read-only-bucket")
+            deploy(short_run, name="tiny", instance_type=INSTANCE, role=ROLE, bucket="read-only-bucket")
         assert "CreateModel" not in {name for name, _ in aws.calls}
 
     set_initial_no_auth_action_count(4)(as_restricted_user)()
 
 
 def test_dry_run_creates_nothing_and_an_aws_error_leaves_nothing(
-    aws: Recorder, trained_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    aws: Recorder, short_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import boto3
 
     from sftbridge.cli import main
 
-    args = ["deploy", str(trained_run), "--instance-type", INSTANCE, "--role", ROLE, "--name", "tiny"]
+    args = ["deploy", str(short_run), "--instance-type", INSTANCE, "--role", ROLE, "--name", "tiny"]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     requests = json.loads(out[: out.rindex("}") + 1])

@@ -25,13 +25,14 @@ PREDICTION_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def run_copy(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's trained run, copied: eval writes into a run directory."""
-    return Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("eval") / "run"))
+def run_copy(short_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's short run, copied: eval writes into a run directory."""
+    return Path(shutil.copytree(short_run, tmp_path_factory.mktemp("eval") / "run"))
 
 
 @pytest.mark.slow
 def test_eval_writes_predictions_into_the_run_and_refreshes_its_report(run_copy: Path) -> None:
+    """In a subprocess: piped output has no progress bar, and the libraries read that once, at import."""
     result = run_cli("eval", str(run_copy), "--data", str(SAMPLE_TRAIN), "--limit", "6", "--batch-size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     summary_path = run_copy / "eval-train.json"
@@ -46,7 +47,7 @@ def test_eval_writes_predictions_into_the_run_and_refreshes_its_report(run_copy:
     summary = json.loads(summary_path.read_text())
     assert summary["n"] == 6 and summary["data"] == str(SAMPLE_TRAIN)
     assert summary["predictions_file"] == predictions_path.name and "predictions" not in summary
-    # Memorised training answers: the adapter's loss on them is far below the random base's.
+    # Memorised training answers (the short run's first 8): the adapter's loss is far below the random base's.
     assert 0 < summary["eval_loss"]["adapter"] < 0.5 * summary["eval_loss"]["base"]
 
     rows = [json.loads(line) for line in predictions_path.read_text().splitlines()]
@@ -68,14 +69,14 @@ def test_eval_writes_predictions_into_the_run_and_refreshes_its_report(run_copy:
     assert f"Evaluation: {SAMPLE_TRAIN}" in report and rows[0]["adapter_answer"] in report
 
 
-def test_eval_loss_is_the_mean_token_loss_of_the_reference(trained_run: Path) -> None:
+def test_eval_loss_is_the_mean_token_loss_of_the_reference(short_run: Path) -> None:
     """Batched and padded, it equals transformers' own loss on each example alone (the trained span only)."""
     import torch
 
     from sftbridge.inference.evaluate import load_cases, reference_losses
     from sftbridge.inference.predictor import Predictor
 
-    predictor = Predictor.from_run(trained_run)
+    predictor = Predictor.from_run(short_run)
     cases = load_cases(SAMPLE_TRAIN, predictor)[:5]
     batched = reference_losses(predictor, cases, batch_size=5, stage="loss")
     alone = reference_losses(predictor, cases, batch_size=1, stage="loss")

@@ -33,16 +33,19 @@ GOLDEN_LOSSES = [
 
 
 def test_first_steps_match_the_golden_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training only (train.py's prepare and fit phases): the losses as logged to metrics.jsonl. The answer
+    metrics only generate between steps (greedy, no gradient): off, they change no loss."""
     from sftbridge.config import load_config
-    from sftbridge.runs import METRICS
-    from sftbridge.training.train import train
+    from sftbridge.training.train import fit, prepare
 
     monkeypatch.chdir(ROOT)  # the config's data paths are relative to the repository root
     config = load_config(
-        ROOT / "configs" / "tiny-cpu.yaml", [f"train.max_steps={STEPS}", "train.logging_steps=1"]
+        ROOT / "configs" / "tiny-cpu.yaml",
+        [f"train.max_steps={STEPS}", "train.logging_steps=1", "train.answer_metrics=false"],
     )
-    run = train(config, tmp_path / "run")
-    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    run = prepare(config, tmp_path / "run")
+    fit(run)
+    rows = [json.loads(line) for line in run.live_metrics.path.read_text().splitlines()]
     logged = [row for row in rows if "loss" in row]
     assert [row["step"] for row in logged] == list(range(1, STEPS + 1))
     losses = [row["loss"] for row in logged]

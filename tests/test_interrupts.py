@@ -208,27 +208,6 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(tmp_path: Path
     assert manifest["resumed_from"] is not None
 
 
-@pytest.mark.slow
-def test_a_signal_to_one_worker_stops_every_rank_at_its_step(tmp_path: Path) -> None:
-    """SIGINT to rank 1 alone: the ranks agree on it at the step boundary, so rank 0 does not go on into an
-    all-reduce that rank 1 never joins (a hang until gloo's timeout): both stop, one checkpoint is written,
-    and `sftbridge train` reports an interruption with the command that resumes it."""
-    process = start(tmp_path, "backend.num_processes=2", "train.max_steps=100000")
-    launcher, _ = until_training(process)
-    workers = children(launcher)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGINT)
-    started = time.monotonic()
-    _, err = finish(process, launcher)
-    assert time.monotonic() - started < 60
-    assert not any(alive(worker) for worker in workers)
-    assert process.returncode == 130, err[-3000:]
-    line = interrupt_line(err)
-    (folder,) = (tmp_path / "runs").glob("*.checkpoints")
-    checkpoint = latest_checkpoint(folder)  # complete: marked once every file was written
-    assert checkpoint is not None and checkpoint.name in line
-
-
 def in_terminal(argv: list[str], cwd: Path, keys: list[bytes]) -> tuple[str, int]:
     """``argv`` on a pseudo-terminal; each of ``keys`` typed once a loss is logged. Output, exit code."""
     pid, fd = pty.fork()

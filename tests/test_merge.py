@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import cli
 
 QUESTIONS = [
     "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?",
@@ -28,7 +26,7 @@ def logits(model: Any, tokenizer: Any, prompts: list[str]) -> Any:
     return out[batch["attention_mask"].bool()]  # padding positions carry no meaning
 
 
-def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Path) -> None:
+def test_merged_model_matches_base_plus_adapter(short_run: Path, tmp_path: Path) -> None:
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -38,7 +36,7 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     from sftbridge.inference.predictor import Predictor
     from sftbridge.runs import load_manifest
 
-    out = merge_run(trained_run, tmp_path / "merged", device="cpu", max_shard_size="1MB")
+    out = merge_run(short_run, tmp_path / "merged", device="cpu", max_shard_size="1MB")
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
     assert {"sftbridge.json", "model.safetensors.index.json"} <= files
@@ -49,12 +47,12 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     assert not list(tmp_path.glob(".*partial"))
 
     record = json.loads((out / "sftbridge.json").read_text())
-    run_manifest = load_manifest(trained_run).model_dump(mode="json")
+    run_manifest = load_manifest(short_run).model_dump(mode="json")
     assert record["kind"] == "merged" and record["dtype"] == "float32"
     assert record["prompt_format"] == run_manifest["prompt_format"]
     assert record["generation"] == run_manifest["generation"]
 
-    predictor = Predictor.from_run(trained_run, device="cpu")
+    predictor = Predictor.from_run(short_run, device="cpu")
     prompts = [predictor.prompt(q) for q in QUESTIONS]
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = logits(predictor.model, predictor.tokenizer, prompts)
@@ -68,15 +66,14 @@ def test_merged_model_matches_base_plus_adapter(trained_run: Path, tmp_path: Pat
     assert [g.text for g in served.generate(prompts)] == [g.text for g in predictor.generate(prompts)]
 
 
-@pytest.mark.slow
-def test_merge_command(trained_run: Path, tmp_path: Path) -> None:
+def test_merge_command(short_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    command = [sys.executable, "-m", "sftbridge.cli", "merge", str(trained_run), "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    command = ["merge", str(short_run), "--out", str(out)]
+    result = cli(*command)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"merged model: {out}" in result.stdout.splitlines()  # our line; libraries may add theirs
     assert (out / "model.safetensors").is_file() and (out / "sftbridge.json").is_file()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    again = cli(*command)
     assert again.returncode == 2
     assert (
         f"error: --out {out}: already exists and is not empty; choose another folder"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli
 from sftbridge.config import load_config
 from sftbridge.data.encoding import Lengths
 from sftbridge.errors import ConfigError
@@ -239,9 +239,7 @@ def test_unknown_model_names_the_key() -> None:
 
 
 def test_cli_prints_the_plan_and_warns_with_exit_0() -> None:
-    out = run_cli(
-        "plan", "configs/llama2-7b-chat-lora.yaml", "train.per_device_batch_size=256", "--gpu", "a10g"
-    )
+    out = cli("plan", "configs/llama2-7b-chat-lora.yaml", "train.per_device_batch_size=256", "--gpu", "a10g")
     assert out.returncode == 0, out.stderr
     assert "base weights, 16-bit: 13.48 GB" in out.stdout
     assert "fits      NO" in out.stdout
@@ -249,9 +247,8 @@ def test_cli_prints_the_plan_and_warns_with_exit_0() -> None:
     assert "estimated at 3.6 characters per token" in out.stdout  # the gated tokenizer is not readable here
 
 
-@pytest.mark.slow
 def test_cli_json() -> None:
-    out = run_cli(
+    out = cli(
         "plan",
         "configs/tiny-cpu.yaml",
         "train.per_device_batch_size=4",
@@ -266,7 +263,7 @@ def test_cli_json() -> None:
     assert plan["cost"]["usd"] == pytest.approx(plan["cost"]["billed_hours"] * 1.222)
     assert plan["cost"]["price_table_date"] == PRICE_TABLE_DATE
     assert plan["memory_bytes"]["peak_total"] > plan["memory_bytes"]["peak_reserved"]
-    assert run_cli("plan", "configs/tiny-cpu.yaml", "--gpu", "tpu").returncode == 2
+    assert cli("plan", "configs/tiny-cpu.yaml", "--gpu", "tpu").returncode == 2
 
 
 # Every GPU family SageMaker trains on: (an instance type, its GPU key, GPUs, MiB per GPU, bf16).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli, run_clis
+from conftest import ROOT, cli, run_cli
 
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "bitsandbytes")
@@ -113,9 +113,9 @@ def test_warmup_ratio_is_a_share_of_the_steps(tiny_config: object) -> None:
 
 
 @pytest.fixture
-def finished_run(trained_run: Path, tmp_path: Path) -> Path:
-    """A copy of the session's trained run that a test may damage."""
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+def finished_run(short_run: Path, tmp_path: Path) -> Path:
+    """A copy of the session's short run that a test may damage."""
+    return Path(shutil.copytree(short_run, tmp_path / "run"))
 
 
 def quick(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -151,19 +151,16 @@ def test_run_folder_problems_are_one_line_before_heavy_imports(finished_run: Pat
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {weights}: corrupt safetensors file")
 
 
-@pytest.mark.slow
-def test_generate_and_eval_accept_a_merged_folder(trained_run: Path, tmp_path: Path) -> None:
+def test_generate_and_eval_accept_a_merged_folder(short_run: Path, tmp_path: Path) -> None:
     from conftest import SAMPLE_TEST
 
     merged = tmp_path / "merged"
-    assert run_cli("merge", str(trained_run), "--out", str(merged)).returncode == 0
+    assert cli("merge", str(short_run), "--out", str(merged)).returncode == 0
     question = json.loads(SAMPLE_TEST.read_text().splitlines()[0])["question"]
     evaluate = ["eval", str(merged), "--data", str(SAMPLE_TEST), "--limit", "2", "--device", "cpu"]
-    from_run, from_merged, evaluated = run_clis(
-        (["generate", str(trained_run), question, "--device", "cpu"], None),
-        (["generate", str(merged), question, "--device", "cpu"], None),
-        ([*evaluate, "--json", str(tmp_path / "eval.json")], None),
-    )
+    from_run = cli("generate", str(short_run), question, "--device", "cpu")
+    from_merged = cli("generate", str(merged), question, "--device", "cpu")
+    evaluated = cli(*evaluate, "--json", str(tmp_path / "eval.json"))
     assert from_merged.returncode == 0, from_merged.stderr[-2000:]
     assert from_merged.stdout == from_run.stdout  # the same answer, prompted with the same template
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

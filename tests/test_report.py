@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_TRAIN, run_cli
+from conftest import SAMPLE_TRAIN, cli
 
 IMAGE = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the session's run with one in-process evaluation of 12 training questions written into it."""
+def evaluated_run(short_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the short run with one in-process evaluation of 12 training questions written into it."""
     from sftbridge.inference.evaluate import evaluate, load_cases, write_results
     from sftbridge.inference.predictor import Predictor
 
-    run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("report") / "run"))
+    run = Path(shutil.copytree(short_run, tmp_path_factory.mktemp("report") / "run"))
     predictor = Predictor.from_run(run)
     result = evaluate(predictor, load_cases(SAMPLE_TRAIN, predictor)[:12], batch_size=12)
     write_results({"data": str(SAMPLE_TRAIN), **result}, run / "eval-train.json")
@@ -34,22 +34,22 @@ def evaluated_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def report(evaluated_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("html") / "report.html"
-    result = run_cli("report", str(evaluated_run), "--out", str(out))
+    result = cli("report", str(evaluated_run), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(out)
     return out
 
 
-def test_train_writes_the_report_and_a_model_card(trained_run: Path) -> None:
-    manifest = json.loads((trained_run / "sftbridge.json").read_text())
-    html = (trained_run / "report.html").read_text()
+def test_train_writes_the_report_and_a_model_card(short_run: Path) -> None:
+    manifest = json.loads((short_run / "sftbridge.json").read_text())
+    html = (short_run / "report.html").read_text()
     assert "Training curves" in html and "No evaluation yet" in html and len(IMAGE.findall(html)) >= 3
     # Written while the run had its staging name, it names (and tells you to evaluate) the finished run.
-    assert ".partial" not in html and f"run <code>sftbridge eval {trained_run}</code>" in html
+    assert ".partial" not in html and f"run <code>sftbridge eval {short_run}</code>" in html
     if manifest.get("answer_metrics", {}).get("verdict"):  # the end-of-run verdict, when it was measured
         assert "its answers" in html
 
-    card = (trained_run / "adapter" / "README.md").read_text()
+    card = (short_run / "adapter" / "README.md").read_text()
     assert "More Information Needed" not in card  # PEFT's empty card is replaced
     assert card.startswith('---\nbase_model: "builtin:tiny-llama"\nlibrary_name: peft\n')
     for path, digest in manifest["data"]["sha256"].items():

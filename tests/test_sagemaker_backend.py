@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FAKE_TOKEN, ROOT
+from conftest import FAKE_TOKEN, ROOT, cli, train_in_root
 from conftest import run_cli as sftbridge
 from sftbridge.archive import safe_extract
 from sftbridge.backends.sagemaker import hyperparameters as hp
@@ -56,42 +56,18 @@ IMAGE = (
 RUN_PREFIX = "sftbridge/llama2-7b-chat-qlora-sagemaker"
 
 
-@pytest.fixture
-def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Fake credentials, no machine AWS config, the SDK's telemetry off and its IAM role check off."""
-    sdk_config = tmp_path / "sagemaker-config.yaml"
-    sdk_config.write_text(
-        "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
-    )
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    values = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(sdk_config),
-        "SAGEMAKER_VALIDATE_ROLE": "false",
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
+@pytest.fixture(autouse=True)
+def _in_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # the shipped configs name their data relative to the checkout
-    return values
 
 
 @pytest.fixture
-def aws(aws_env: dict[str, str]) -> Iterator[None]:
-    from moto import mock_aws
-
-    with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        # the seed job's model.hf_token_secret, which submit checks exists
-        boto3.client("secretsmanager", region_name="us-east-1").create_secret(
-            Name="sftbridge/hf-token", SecretString="hf_stored"
-        )
-        yield
+def aws(fake_aws: dict[str, str]) -> None:
+    """conftest's fake AWS, the bucket, and the seed job's model.hf_token_secret (submit checks it)."""
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    boto3.client("secretsmanager", region_name="us-east-1").create_secret(
+        Name="sftbridge/hf-token", SecretString="hf_stored"
+    )
 
 
 class Recorder:
@@ -505,17 +481,10 @@ def test_logs_come_from_the_jobs_cloudwatch_streams(aws: None) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real run (the tiny model, 3 steps on the sample data) as the script writes it into SM_MODEL_DIR in a
-    job, where the data paths are inside the input channels."""
-    from sftbridge.training.train import train
-
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # tiny-cpu.yaml names the sample data relative to the checkout
-    try:
-        config = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["train.max_steps=3"])
-        dest = train(config, tmp_path_factory.mktemp("opt_ml") / "model")
-    finally:
-        os.chdir(cwd)
+    """A real run (the tiny model, 3 steps on the sample data the seed job submits) as the script writes it
+    into SM_MODEL_DIR in a job, where the data paths are inside the input channels."""
+    overrides = ["train.max_steps=3", "train.answer_metrics=false"]
+    dest = train_in_root(overrides, tmp_path_factory.mktemp("opt_ml") / "model")
     manifest = json.loads((dest / "sftbridge.json").read_text())
     container = {
         manifest["config"]["data"]["train_file"]: "/opt/ml/input/data/train/train.jsonl",
@@ -651,7 +620,7 @@ def test_safe_extract_keeps_links_inside(tmp_path: Path) -> None:
 def test_dry_run_prints_the_request_without_calling_aws(aws_env: dict[str, str]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens there: any AWS call would fail
-    result = sftbridge("train", str(SEED_JOB), f"backend.role={ROLE}", "--dry-run", env=env)
+    result = cli("train", str(SEED_JOB), f"backend.role={ROLE}", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in (
@@ -669,17 +638,6 @@ def test_dry_run_prints_the_request_without_calling_aws(aws_env: dict[str, str])
     assert request["EnableManagedSpotTraining"] is True
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "test", "code"]
     assert FAKE_TOKEN not in out
-
-
-@pytest.fixture
-def moto_server(aws_env: dict[str, str]) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.mark.slow

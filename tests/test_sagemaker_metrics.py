@@ -19,7 +19,7 @@ from sftbridge.config import dump_config
 from sftbridge.errors import ConfigError
 from sftbridge.runs import METRICS, MetricsLog
 from sftbridge.training.progress import Progress
-from test_sagemaker_backend import ROLE, SEED_JOB, Recorder, aws, aws_env, submit  # noqa: F401 (fixtures)
+from test_sagemaker_backend import ROLE, SEED_JOB, Recorder, aws, submit  # noqa: F401 (fixtures)
 
 MLFLOW_ARN = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/team-server"
 REGEX = {m["Name"]: re.compile(m["Regex"]) for m in METRIC_DEFINITIONS}
@@ -76,6 +76,7 @@ def test_the_real_scripts_output_is_charted(tiny_config: Any, tmp_path: Path) ->
         train__eval_strategy="steps",
         train__eval_steps=2,
         train__max_steps=4,
+        train__answer_metrics=True,  # charted too (tiny_config leaves them off)
     )
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(config), encoding="utf-8")

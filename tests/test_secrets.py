@@ -1,7 +1,6 @@
 """The Hugging Face token from AWS Secrets Manager (moto), resolved where the script runs."""
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,9 @@ moto = pytest.importorskip("moto")
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def aws(fake_aws: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's fake AWS, without the session's HF_TOKEN (the secret is what sets it)."""
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with moto.mock_aws():
-        yield
 
 
 @pytest.mark.parametrize("stored", ["hf_plainTOKEN123", '{"HF_TOKEN": "hf_plainTOKEN123"}'])

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli
 
 QUESTION = "What pigment produced by skin cells gives human skin, hair, and eyes much of their color?"
 ANSWER = "melanin"  # its answer in data/sciq-sample/train.jsonl, which the tiny run memorises
@@ -37,10 +37,10 @@ def _hub_client_may_reach_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def predictor(trained_run: Path) -> Any:
+def predictor(short_run: Path) -> Any:
     from sftbridge.inference.predictor import Predictor
 
-    return Predictor.from_run(trained_run, device="cpu")
+    return Predictor.from_run(short_run, device="cpu")
 
 
 def start(predictor: Any, **settings: Any) -> Any:
@@ -192,7 +192,7 @@ def test_the_seeds_payload_answers_as_the_plain_question(server: Any, predictor:
             assert status == 200, body
             assert body[0]["generated_text"] == plain, form
         right += plain.strip() == row["correct_answer"]
-    assert right >= 10  # the memorised answers, not a shared wrong one
+    assert right >= 7  # the short run's memorised answers, not a shared wrong one
 
 
 def test_question_messages_and_formatted_prompt_are_asked_alike(
@@ -465,9 +465,9 @@ def test_a_stream_client_that_leaves_does_not_hurt_the_server(server: Any, expec
 
 
 @pytest.mark.slow
-def test_serve_command_end_to_end(trained_run: Path, expected: Any) -> None:
+def test_serve_command_end_to_end(short_run: Path, expected: Any) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "sftbridge.cli", "serve", str(trained_run), "--port", "0", "--device", "cpu"],
+        [sys.executable, "-m", "sftbridge.cli", "serve", str(short_run), "--port", "0", "--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -492,23 +492,23 @@ def test_serve_command_end_to_end(trained_run: Path, expected: Any) -> None:
 
 @pytest.mark.parametrize("engine", ["vllm", "tgi"])
 def test_invoke_speaks_both_apis_to_the_local_server(
-    server: Any, trained_run: Path, expected: Any, engine: str
+    server: Any, short_run: Path, expected: Any, engine: str
 ) -> None:
     """The code that invokes SageMaker endpoints, pointed at this server's /invocations."""
     from sftbridge.serving.endpoint import invoke
 
-    request, answer = invoke(server.url, QUESTION, run=trained_run, engine=engine)
+    request, answer = invoke(server.url, QUESTION, run=short_run, engine=engine)
     assert ("messages" in request) == (engine == "vllm") and ("inputs" in request) == (engine == "tgi")
     assert answer["generated_text"].strip() == expected.text
     assert answer["finish_reason"] == "stop"
 
 
-def test_vllm_command_for_a_run_and_a_merged_folder(trained_run: Path, tmp_path: Path) -> None:
+def test_vllm_command_for_a_run_and_a_merged_folder(short_run: Path, tmp_path: Path) -> None:
     from sftbridge.inference.folder import ModelFolder
     from sftbridge.inference.merge import merge_run
     from sftbridge.serving.vllm import serve_command
 
-    folder = ModelFolder.open(trained_run)
+    folder = ModelFolder.open(short_run)
     prompter = folder.prompter
     command = serve_command(folder, host="127.0.0.1", port=8000, name="tiny")
     base = Path(os.environ["SFTBRIDGE_CACHE"]) / "builtin" / "tiny-llama-v1"  # the built-in base's folder
@@ -518,7 +518,7 @@ def test_vllm_command_for_a_run_and_a_merged_folder(trained_run: Path, tmp_path:
 
     assert command[:3] == ["vllm", "serve", str(base)]
     assert value("--enable-lora") == "--lora-modules"  # a bare flag
-    assert value("--lora-modules") == f"tiny={trained_run.resolve() / 'adapter'}"
+    assert value("--lora-modules") == f"tiny={short_run.resolve() / 'adapter'}"
     assert value("--served-model-name") == "tiny-base" and value("--max-lora-rank") == "16"
     assert (value("--host"), value("--port")) == ("127.0.0.1", "8000")
     template = Path(value("--chat-template")).read_text()
@@ -527,17 +527,17 @@ def test_vllm_command_for_a_run_and_a_merged_folder(trained_run: Path, tmp_path:
         messages, chat_template=template, tokenize=False, add_generation_prompt=True
     )
     assert rendered == prompter.chat(messages)  # vLLM formats as training did
-    merged = merge_run(trained_run, tmp_path / "merged", dtype="float32", device="cpu")
+    merged = merge_run(short_run, tmp_path / "merged", dtype="float32", device="cpu")
     command = serve_command(ModelFolder.open(merged), host="127.0.0.1", port=8000)
     assert command[:5] == ["vllm", "serve", str(merged.resolve()), "--served-model-name", "merged"]
     assert "--enable-lora" not in command
-    result = run_cli("serve", str(trained_run), "--engine", "vllm", "--dry-run", "--port", "8001")
+    result = cli("serve", str(short_run), "--engine", "vllm", "--dry-run", "--port", "8001")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("vllm serve ") and "--lora-modules" in result.stdout
 
 
 @pytest.mark.gpu
-def test_vllm_serves_the_run_on_a_gpu(trained_run: Path, expected: Any) -> None:
+def test_vllm_serves_the_run_on_a_gpu(short_run: Path, expected: Any) -> None:
     """A real `sftbridge serve --engine vllm`: the fine-tune answers through the official OpenAI client."""
     import shutil
     import time
@@ -555,7 +555,7 @@ def test_vllm_serves_the_run_on_a_gpu(trained_run: Path, expected: Any) -> None:
             "-m",
             "sftbridge.cli",
             "serve",
-            str(trained_run),
+            str(short_run),
             "--engine",
             "vllm",
             "--port",
@@ -573,9 +573,9 @@ def test_vllm_serves_the_run_on_a_gpu(trained_run: Path, expected: Any) -> None:
             except openai.APIConnectionError:
                 assert process.poll() is None and time.monotonic() < deadline, "vllm did not start"
                 time.sleep(2)
-        assert models == {trained_run.name, f"{trained_run.name}-base"}
+        assert models == {short_run.name, f"{short_run.name}-base"}
         reply = client.chat.completions.create(
-            model=trained_run.name, messages=[{"role": "user", "content": QUESTION}], temperature=0
+            model=short_run.name, messages=[{"role": "user", "content": QUESTION}], temperature=0
         )
         assert ANSWER in (reply.choices[0].message.content or "")
     finally:

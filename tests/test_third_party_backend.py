@@ -2,7 +2,7 @@
 
 The throw-away distribution ``sftbridge-spool-backend`` registers ``spool`` under the entry-point group
 ``sftbridge.backends``: a "cloud" that is a folder. Its job is a detached worker process that logs a few
-steps and then hands back a real finished run (a copy of the ``trained_run`` fixture). It declares typed
+steps and then hands back a real finished run (a copy of the ``short_run`` fixture). It declares typed
 settings, detaches and looks jobs up by id, and has no dry run.
 """
 
@@ -203,8 +203,8 @@ def assert_same_run(fetched: Path, original: Path) -> None:
     assert load_manifest(fetched) == load_manifest(original)
 
 
-def test_detach_then_status_logs_follow_fetch(env: dict[str, str], tmp_path: Path, trained_run: Path) -> None:
-    config = write_config(tmp_path, source_run=trained_run, region="moon-2", hold="true")
+def test_detach_then_status_logs_follow_fetch(env: dict[str, str], tmp_path: Path, short_run: Path) -> None:
+    config = write_config(tmp_path, source_run=short_run, region="moon-2", hold="true")
 
     submitted = sftbridge(env, tmp_path, "train", config, "--backend", "spool", "--detach")
     assert submitted.returncode == 0, submitted.stderr
@@ -247,11 +247,11 @@ def test_detach_then_status_logs_follow_fetch(env: dict[str, str], tmp_path: Pat
     )
     assert fetched.returncode == 0, fetched.stderr
     assert fetched.stdout == f"run directory: {tmp_path / 'fetched'}\n"
-    assert_same_run(tmp_path / "fetched", trained_run)
+    assert_same_run(tmp_path / "fetched", short_run)
 
 
-def test_train_in_the_foreground(env: dict[str, str], tmp_path: Path, trained_run: Path) -> None:
-    config = write_config(tmp_path, source_run=trained_run, steps=2)
+def test_train_in_the_foreground(env: dict[str, str], tmp_path: Path, short_run: Path) -> None:
+    config = write_config(tmp_path, source_run=short_run, steps=2)
     result = sftbridge(
         env, tmp_path, "train", config, "--backend", "spool", "--run-dir", str(tmp_path / "run")
     )
@@ -264,7 +264,7 @@ def test_train_in_the_foreground(env: dict[str, str], tmp_path: Path, trained_ru
         "spool: run complete",
         f"run directory: {tmp_path / 'run'}",
     ]
-    assert_same_run(tmp_path / "run", trained_run)
+    assert_same_run(tmp_path / "run", short_run)
 
 
 def test_a_typo_in_its_settings_fails_at_config_load(env: dict[str, str], tmp_path: Path) -> None:

@@ -3,8 +3,7 @@
 On SIGINT/SIGTERM torchrun passes the signal to every worker (each finishes its step and checkpoints, the
 ranks agreeing on the step: ``trainer.StopOnSignal``), waits for them, then raises ``SignalException`` out of
 ``main``: a traceback on the user's terminal after a clean checkpoint. Here it ends as the shell's
-128 + signal instead, like the single-process script; so does a signal that reached only the workers (their
-exit statuses all 128 + signal). The launcher's own warnings ("Received SIGINT death
+128 + signal instead, like the single-process script. The launcher's own warnings ("Received SIGINT death
 signal...", "Setting OMP_NUM_THREADS...") show only with ``-v``, like every library's. All else is
 ``torch.distributed.run.main`` unchanged.
 """
@@ -12,7 +11,6 @@ signal...", "Setting OMP_NUM_THREADS...") show only with ``-v``, like every libr
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 from sftbridge.output import configure_output, verbose_from_env
@@ -22,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     verbose = verbose_from_env()
     configure_output(verbose)
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     if not verbose:  # torch's elastic loggers set their own level (LOGLEVEL, else WARNING) when created
@@ -33,13 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         torchrun(argv if argv is not None else sys.argv[1:])
     except SignalException as exc:
         return 128 + int(exc.sigval)
-    except ChildFailedError as exc:
-        # A signal reached the workers but not torchrun (sent to one worker): they agreed on it, checkpointed
-        # and stopped with 128 + signal. That is an interruption, not a failure.
-        codes = {failure.exitcode for failure in exc.failures.values()}
-        if codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
-            return max(codes)
-        raise
     return 0
 
 

@@ -3,9 +3,10 @@
 Run it as ``sftbridge train CONFIG``, ``python -m sftbridge.training.train --config FILE [--key value ...]``,
 under ``torchrun``, or unchanged as the entry script of a SageMaker Hugging Face training job. It knows
 nothing of backends: where ``SM_CHANNEL_*``/``SM_MODEL_DIR``/``SM_HPS`` are set it reads data and writes the
-run there (``sagemaker_env``). ``train()`` reads top to bottom: data → model → trainer → save; ``sft_config``
-maps the config onto TRL's arguments; ``describe_run`` and ``build_manifest`` write down what the run was.
-Heavy libraries are imported inside functions so ``--help`` is instant.
+run there (``sagemaker_env``). ``train()`` reads top to bottom in three phases: ``prepare`` (data, tokenizer,
+device, run folder) → ``fit`` (model, trainer, training) → ``publish`` (adapter, manifest, documents).
+``sft_config`` maps the config onto TRL's arguments; ``describe_run`` and ``build_manifest`` write down what
+the run was. Heavy libraries are imported inside functions so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from sftbridge.data.formatting import PromptFormat
     from sftbridge.data.loading import LoadedData
     from sftbridge.models.loading import Device, Precision
+    from sftbridge.training.answer_metrics import AnswerSample
 
 log = logging.getLogger("sftbridge.training.train")
 
@@ -208,32 +210,71 @@ def sft_config(
 
 
 def train(config: RunConfig, run_dir: Path) -> Path:
-    """Validate the data, train, write the run directory. Returns its path."""
-    import torch
-    from transformers import PrinterCallback, set_seed
+    """Validate the data, train, write the run directory. Returns its path.
+
+    Three phases, each callable alone (a test of the loss or of resuming calls what it tests): ``prepare``
+    (data, tokenizer, device, run folder, checkpoints), ``fit`` (model, trainer, training) and ``publish``
+    (adapter, manifest, documents, the finished folder). Only rank 0 publishes.
+    """
+    run = prepare(config, run_dir)
+    try:
+        fitted = fit(run)
+        return publish(run, fitted) if run.rank == 0 else run_dir
+    except BaseException:
+        if run.rank == 0:
+            run.writer.abort()
+        raise
+
+
+@dataclass
+class PreparedRun:
+    """What ``prepare`` checked and set up: everything training needs but the model."""
+
+    config: RunConfig
+    run_dir: Path
+    rank: int
+    started: float  # time.time() when preparation began
+    tokenizer: Any
+    data: TrainingData
+    questions: AnswerSample | None  # what the answer metrics ask during training (None: they are off)
+    device: Device
+    precision: Precision
+    writer: RunWriter  # the run folder, assembled under a temporary name
+    checkpoints: Path
+    resume_from: Path | None
+    live_metrics: MetricsLog
+
+
+@dataclass
+class FittedRun:
+    """What ``fit`` trained and measured."""
+
+    trainer: Any  # SafeSFTTrainer
+    result: Any  # what trainer.train() returned
+    final_eval: dict[str, float]
+    answers: Any | None  # the AnswerMetrics callback, if the run measured answers
+    description: dict[str, Any]  # describe_run's record ({} on ranks other than 0)
+    load_seconds: float
+
+
+def prepare(config: RunConfig, run_dir: Path) -> PreparedRun:
+    """Data, tokenizer and device, then the run folder and the checkpoints a restart resumes from.
+
+    Everything that can fail on bad input fails here, before the run folder or the weights exist.
+    """
+    from transformers import set_seed
 
     from sftbridge.aws.secrets import export_hf_token, export_secret_environment
     from sftbridge.data.loading import load_data
-    from sftbridge.models.loading import (
-        check_attention,
-        load_model,
-        load_tokenizer,
-        lora_config,
-        resolve_device,
-        resolve_precision,
-    )
-    from sftbridge.report import write_run_documents
+    from sftbridge.models.loading import check_attention, load_tokenizer, resolve_device, resolve_precision
     from sftbridge.training import tracking
-    from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks, sample_questions
-    from sftbridge.training.progress import Progress
-    from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal, clean_partial_checkpoints
+    from sftbridge.training.answer_metrics import sample_questions
+    from sftbridge.training.trainer import clean_partial_checkpoints
 
     started = time.time()
     rank = int(os.environ.get("RANK", "0"))
     set_seed(config.seed)
 
-    # Data, tokenizer and device: everything that can fail on bad input fails before the run folder or the
-    # weights exist.
     loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
     export_hf_token(config.model.hf_token_secret)
     export_secret_environment(config.backend.secret_environment)  # a tracker's key, before trackers start
@@ -246,7 +287,6 @@ def train(config: RunConfig, run_dir: Path) -> Path:
     precision = resolve_precision(config.train, device)
     log.info("device %s, %s", device, precision)
 
-    # The run folder (assembled under a temporary name) and the checkpoints a restart resumes from.
     writer = RunWriter(run_dir, create=rank == 0)
     checkpoints = (
         Path(config.train.checkpoint_dir) if config.train.checkpoint_dir else checkpoint_dir_for(run_dir)
@@ -263,81 +303,118 @@ def train(config: RunConfig, run_dir: Path) -> Path:
         live_metrics.restart_at(_checkpoint_step(resume_from))
         log.info("metrics: %s", live_metrics.path)
     tracking.prepare(config, checkpoints)
+    return PreparedRun(
+        config=config,
+        run_dir=run_dir,
+        rank=rank,
+        started=started,
+        tokenizer=tokenizer,
+        data=data,
+        questions=questions,
+        device=device,
+        precision=precision,
+        writer=writer,
+        checkpoints=checkpoints,
+        resume_from=resume_from,
+        live_metrics=live_metrics,
+    )
+
+
+def fit(run: PreparedRun) -> FittedRun:
+    """Model, trainer and callbacks, then training: a SIGTERM/SIGINT stops at the next step boundary with a
+    checkpoint to resume from (``Interrupted``). Ends with the final evaluation, every rank in step."""
+    import torch
+    from transformers import PrinterCallback
+
+    from sftbridge.models.loading import load_model, lora_config
+    from sftbridge.training import tracking
+    from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks
+    from sftbridge.training.progress import Progress
+    from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal
+
+    config, data, rank = run.config, run.data, run.rank
+    model = load_model(config.model, run.device, run.precision)
+    load_seconds = time.time() - run.started
+    do_eval = data.eval is not None
     stopper = StopOnSignal()
+    trainer = SafeSFTTrainer(
+        model=model,
+        args=sft_config(
+            config, output_dir=run.checkpoints, device=run.device, precision=run.precision, do_eval=do_eval
+        ),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=run.tokenizer,
+        peft_config=lora_config(config),
+        callbacks=[stopper, Progress(run.live_metrics.path)],
+    )
+    trainer.remove_callback(PrinterCallback)  # Progress prints instead of a raw dict per log
+    # Answer metrics first: they add eval_answer_* to an evaluation's metrics before early stopping reads.
+    answers = AnswerMetrics(trainer, run.questions, data.prompt_format, config) if run.questions else None
+    for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
+        trainer.add_callback(callback)
+    # What the run is (the manifest's first half, what the trackers log): only rank 0 writes either.
+    device, precision = run.device, run.precision
+    description = (
+        describe_run(config, model=model, data=data, device=device, precision=precision) if rank == 0 else {}
+    )
+    if config.train.report_to and rank == 0:
+        params = tracking.run_params(description, run.run_dir)
+        trainer.add_callback(tracking.RunParams(trainer, list(config.train.report_to), params))
+
+    stopper.install()
+    tracking.start(config, rank=rank)
+    resume_from = run.resume_from
     try:
-        # Model and trainer.
-        model = load_model(config.model, device, precision)
-        load_seconds = time.time() - started
-        do_eval = data.eval is not None
-        trainer = SafeSFTTrainer(
-            model=model,
-            args=sft_config(
-                config, output_dir=checkpoints, device=device, precision=precision, do_eval=do_eval
-            ),
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            peft_config=lora_config(config),
-            callbacks=[stopper, Progress(live_metrics.path)],
-        )
-        trainer.remove_callback(PrinterCallback)  # Progress prints instead of a raw dict per log
-        # Answer metrics first: they add eval_answer_* to an evaluation's metrics before early stopping reads.
-        answers = AnswerMetrics(trainer, questions, data.prompt_format, config) if questions else None
-        for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
-            trainer.add_callback(callback)
-        # What the run is (the manifest's first half, what the trackers log): only rank 0 writes either.
-        description = (
-            describe_run(config, model=model, data=data, device=device, precision=precision)
-            if rank == 0
-            else {}
-        )
-        if config.train.report_to and rank == 0:
-            params = tracking.run_params(description, run_dir)
-            trainer.add_callback(tracking.RunParams(trainer, list(config.train.report_to), params))
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(config, run.device) from exc
+    finally:
+        stopper.uninstall()
+    if stopper.signum is not None:
+        raise Interrupted(stopper.signum, latest_checkpoint(run.checkpoints))
+    final_eval = trainer.evaluate() if do_eval else {}
+    tracking.finish(config, rank=rank)
+    trainer.accelerator.wait_for_everyone()
+    return FittedRun(
+        trainer=trainer,
+        result=result,
+        final_eval=final_eval,
+        answers=answers,
+        description=description,
+        load_seconds=load_seconds,
+    )
 
-        # Train: a SIGTERM/SIGINT stops at the next step boundary with a checkpoint to resume from.
-        stopper.install()
-        tracking.start(config, rank=rank)
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory(config, device) from exc
-        finally:
-            stopper.uninstall()
-        if stopper.signum is not None:
-            raise Interrupted(stopper.signum, latest_checkpoint(checkpoints))
-        final_eval = trainer.evaluate() if do_eval else {}
-        tracking.finish(config, rank=rank)
-        trainer.accelerator.wait_for_everyone()
-        if rank != 0:
-            return run_dir
 
-        learning = learning_verdict(answers, trainer, config)
+def publish(run: PreparedRun, fitted: FittedRun) -> Path:
+    """Rank 0: adapter, tokenizer, logs and config, then the manifest and documents, and only then the run
+    folder moves into place (COMPLETE). Returns the finished folder."""
+    from sftbridge.report import write_run_documents
 
-        # Save: adapter, tokenizer, logs and config, then the manifest, and only then move it into place.
-        save_outputs(writer, trainer, tokenizer, config)
-        manifest = build_manifest(
-            description,
-            learning=learning,
-            result=result,
-            final_eval=final_eval,
-            resumed_from=resume_from,
-            timings={
-                "load_seconds": round(load_seconds, 2),
-                "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-                "total_seconds": round(time.time() - started, 2),
-            },
-        )
-        # adapter/README.md (replacing PEFT's empty card) and report.html; a failure is only a warning
-        write_run_documents(writer.staging, manifest, final=writer.target)
-        finished = writer.finalize(manifest)
-        if not config.train.checkpoint_dir:
-            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go
-        return finished
-    except BaseException:
-        if rank == 0:
-            writer.abort()
-        raise
+    config, writer, trainer = run.config, run.writer, fitted.trainer
+    description, result, final_eval = fitted.description, fitted.result, fitted.final_eval
+    resume_from, started, load_seconds = run.resume_from, run.started, fitted.load_seconds
+    learning = learning_verdict(fitted.answers, trainer, config)
+
+    save_outputs(writer, trainer, run.tokenizer, config)
+    manifest = build_manifest(
+        description,
+        learning=learning,
+        result=result,
+        final_eval=final_eval,
+        resumed_from=resume_from,
+        timings={
+            "load_seconds": round(load_seconds, 2),
+            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+            "total_seconds": round(time.time() - started, 2),
+        },
+    )
+    # adapter/README.md (replacing PEFT's empty card) and report.html; a failure is only a warning
+    write_run_documents(writer.staging, manifest, final=writer.target)
+    finished = writer.finalize(manifest)
+    if not config.train.checkpoint_dir:
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # the run is complete; its default checkpoints go
+    return finished
 
 
 def save_outputs(writer: RunWriter, trainer: Any, tokenizer: Any, config: RunConfig) -> None:
