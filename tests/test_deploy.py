@@ -436,7 +436,8 @@ def test_dry_run_creates_nothing_and_an_aws_error_leaves_nothing(
 
     monkeypatch.setattr(boto3, "Session", session)
     assert main(args) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    # In process, the libraries' progress bars (the merge loading weights) reach stderr too: ours is one line.
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")] == [
         "error: deploy tiny: CreateEndpointConfig failed (ResourceLimitExceeded: account-level service limit "
         f"for ml.g4dn.xlarge); nothing was left behind: the uploads under s3://{BUCKET}/sftbridge/endpoints/"
         "tiny/ were removed"

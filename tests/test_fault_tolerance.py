@@ -113,6 +113,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_space_left(
     one line, the run folder is not half-written, and the checkpoint to resume from stays."""
     import errno
 
+    import peft.peft_model
     import safetensors.torch
 
     from conftest import SAMPLE_TRAIN
@@ -126,6 +127,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_space_left(
         real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)  # PEFT's own name for it
     run_dir = tmp_path / "run"
     argv = [
         "--config",
