@@ -247,3 +247,25 @@ def test_recorded_files_are_checked_at_open(tmp_path: Path) -> None:
     assert str(refused.value) == (
         f"{weights}: its sha256 differs from the one the manifest records; train or fetch again"
     )
+
+
+def test_a_handed_in_run_cannot_make_generate_run_its_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe's case: a copied run whose manifest says trust_remote_code and names a base folder with an
+    auto_map to a module of theirs. generate refuses to load it, and the module never runs."""
+    marker = tmp_path / "the-module-ran"
+    base = tmp_path / "their-base"
+    base.mkdir()
+    (base / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    auto_map = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
+    (base / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
+    run = version_1_run(tmp_path / "run")
+    manifest = json.loads((run / "sftbridge.json").read_text())
+    manifest["config"]["model"] = {"name_or_path": str(base), "trust_remote_code": True}
+    (run / "sftbridge.json").write_text(json.dumps(manifest))
+
+    assert main(["generate", str(run), "Why?", "--device", "cpu"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: model.name_or_path: cannot load {str(base)!r}")
+    assert not marker.exists()
