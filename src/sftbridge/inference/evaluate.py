@@ -67,10 +67,25 @@ def _case(record: Record, predictor: Predictor) -> Case:
 
 
 def answer_tokens(tokenizer: Any, text: str) -> int:
-    """An answer's length in tokens, counted alike for the adapter's, the base's and the reference answer:
-    the text alone, without the special tokens or the whitespace a chat template puts around it (Llama-2's
-    template ends an answer with `` </s>``, so a generated answer also carries a lone space token)."""
+    """A reference answer's length in tokens: the text alone, as the model would write it."""
     return len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+
+
+def generated_tokens(tokenizer: Any, generation: Generation) -> int:
+    """A generated answer's length in tokens, counted as :func:`answer_tokens` counts a reference: without
+    EOS (already dropped) and without the whitespace-only tokens around the text that the chat template
+    trains in (Llama-2's ends an answer with `` </s>``: a perfect answer would read one token longer)."""
+    ids = list(generation.token_ids)
+
+    def blank(token: int) -> bool:
+        return not tokenizer.decode([token], skip_special_tokens=True).strip()
+
+    while ids and blank(ids[-1]):
+        ids.pop()
+    start = 0
+    while start < len(ids) and blank(ids[start]):
+        start += 1
+    return len(ids) - start
 
 
 def score(cases: list[Case], generations: list[Generation], tokenizer: Any) -> dict[str, float]:
@@ -82,7 +97,7 @@ def score(cases: list[Case], generations: list[Generation], tokenizer: Any) -> d
     return {
         "exact_match": exact / n,
         "contains": contains / n,
-        "mean_answer_tokens": sum(answer_tokens(tokenizer, g.text) for g in generations) / n,
+        "mean_answer_tokens": sum(generated_tokens(tokenizer, g) for g in generations) / n,
         "eos_rate": sum(g.finished for g in generations) / n,
     }
 
@@ -184,7 +199,7 @@ def _prediction(
     }
     for side, (generation, (loss, count)) in answers.items():
         row[f"{side}_answer"] = generation.text
-        row[f"{side}_tokens"] = answer_tokens(tokenizer, generation.text)
+        row[f"{side}_tokens"] = generated_tokens(tokenizer, generation)
         row[f"{side}_stopped_at_eos"] = generation.finished
         row[f"{side}_exact_match"] = normalize(generation.text) == normalize(case.reference)
         row[f"{side}_loss"] = loss / count if count else None
