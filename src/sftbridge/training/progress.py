@@ -101,10 +101,7 @@ class Progress(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
-            # The epoch moves every step; the loss only when logged: the postfix says which step it is from.
-            self.bar.set_postfix_str(
-                f"epoch={float(state.epoch or 0):.2f} {self._logged}".strip(), refresh=False
-            )
+            self.bar.set_postfix_str(self._postfix_now(state), refresh=False)
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(
@@ -126,7 +123,7 @@ class Progress(TrainerCallback):
         if self.bar is not None:
             if "loss" in record:
                 self._logged = f"{self._postfix(record)} (step {state.global_step})"
-                self.bar.set_postfix_str(self._logged, refresh=True)
+                self.bar.set_postfix_str(self._postfix_now(state), refresh=True)
             else:
                 self.bar.write(line, file=sys.stderr)
         else:
@@ -168,6 +165,10 @@ class Progress(TrainerCallback):
         if kind == "train":
             parts.append(f"eta={_eta(self.eta_seconds(state, now))}")
         return " ".join(parts)
+
+    def _postfix_now(self, state: Any) -> str:
+        """The epoch moves every step, the loss only when logged: the postfix says which step it is from."""
+        return f"epoch={float(state.epoch or 0):.2f} {self._logged}".strip()
 
     def _postfix(self, record: dict[str, Any]) -> str:
         """The last logged loss and throughput (the epoch is the bar's own, updated every step)."""
