@@ -83,6 +83,7 @@ def test_an_unreachable_hub_is_one_line_and_leaves_nothing(
     ]
 
 
+@pytest.mark.slow  # the real CLI and its training subprocess
 def test_train_without_the_hub_fails_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     """Through the real CLI and the training subprocess: nothing of the run is left to resume or clean."""
     import os
