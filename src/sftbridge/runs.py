@@ -276,19 +276,22 @@ def read_manifest(path: str | Path) -> RunManifest | MergedManifest:
     return parse_manifest(raw, file)
 
 
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_records(root: Path, folder: Path) -> dict[str, FileRecord]:
     """sha256 and size of every file under ``folder``, keyed by its path relative to ``root``."""
-    records = {}
-    for file in sorted(folder.rglob("*")):
-        if file.is_file() and not file.is_symlink():
-            digest = hashlib.sha256()
-            with file.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-            records[file.relative_to(root).as_posix()] = FileRecord(
-                sha256=digest.hexdigest(), bytes=file.stat().st_size
-            )
-    return records
+    return {
+        file.relative_to(root).as_posix(): FileRecord(sha256=sha256_file(file), bytes=file.stat().st_size)
+        for file in sorted(folder.rglob("*"))
+        if file.is_file() and not file.is_symlink()
+    }
 
 
 def manifest_kind(path: str | Path) -> str | None:

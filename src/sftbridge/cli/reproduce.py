@@ -27,7 +27,7 @@ def reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_mismatches(manifest: RunManifest) -> list[str]:
-    from sftbridge.data.loading import sha256_file
+    from sftbridge.runs import sha256_file
 
     problems = []
     for path, digest in manifest.data.sha256.items():

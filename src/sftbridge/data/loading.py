@@ -68,14 +68,6 @@ class LengthReport:
         return {k: getattr(self, k) for k in ("total", "over_length", "dropped", "truncated")}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_jsonl(
     path: Path, problems: list[str] | None = None, digests: dict[str, str] | None = None
 ) -> list[Record]:

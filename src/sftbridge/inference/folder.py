@@ -30,6 +30,7 @@ from sftbridge.runs import (
     RunManifest,
     manifest_kind,
     read_manifest,
+    sha256_file,
 )
 
 if TYPE_CHECKING:
@@ -119,6 +120,14 @@ class ModelFolder:
         return self.run.run_config
 
     @property
+    def loading_config(self) -> RunConfig:
+        """The run's config as its base is loaded here: trust_remote_code is the user's say (``trusted``),
+        never the run's own (see ``_check_code``)."""
+        config = self.run_config
+        config.model = config.model.model_copy(update={"trust_remote_code": self.trusted})
+        return config
+
+    @property
     def base_model(self) -> str:
         """The base a run's adapter goes on (a Hub id, a local folder or ``builtin:...``)."""
         return self.manifest.base_model.name_or_path
@@ -180,10 +189,7 @@ class ModelFolder:
 
         from sftbridge.models.loading import load_run_base
 
-        config = self.run_config
-        # The run's own say is not enough to run code (see _check_code): the user's --trust-remote-code is.
-        config.model = config.model.model_copy(update={"trust_remote_code": self.trusted})
-        base = load_run_base(config, device)
+        base = load_run_base(self.loading_config, device)
         model = PeftModel.from_pretrained(base, self.path / ADAPTER)
         model.eval()
         return model
@@ -225,8 +231,6 @@ class ModelFolder:
     def _check_recorded(self, weights: bool, *, full: bool) -> None:
         """Every file the manifest records is there, with its size and (``full``, or up to
         FULL_CHECK_BYTES in all: an adapter) its sha256; the first that differs is named."""
-        import hashlib
-
         recorded = self.manifest.files
         if not weights:  # a record: no weights beside it
             recorded = {k: v for k, v in recorded.items() if not k.endswith(".safetensors")}
@@ -240,13 +244,8 @@ class ModelFolder:
                 raise RunDirError(
                     f"{file}: {file.stat().st_size} bytes, the manifest records {record.bytes}; {fix}"
                 )
-            if full:
-                digest = hashlib.sha256()
-                with file.open("rb") as handle:
-                    while chunk := handle.read(1 << 20):
-                        digest.update(chunk)
-                if digest.hexdigest() != record.sha256:
-                    raise RunDirError(f"{file}: its sha256 differs from the one the manifest records; {fix}")
+            if full and sha256_file(file) != record.sha256:
+                raise RunDirError(f"{file}: its sha256 differs from the one the manifest records; {fix}")
 
     def _check_code(self) -> None:
         """A folder runs no code of its own unless the user says so: someone else may have written it. A run

@@ -66,8 +66,7 @@ def merge_run(
     require_empty(out_dir, f"--out {out_dir}", "folder", UserError)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    config = manifest.run_config
-    config.model = config.model.model_copy(update={"trust_remote_code": trust_remote_code})  # the user's say
+    config = folder.loading_config
     # QLoRA or not, the adapter is merged into full-precision weights: a 4-bit weight cannot take the delta.
     base = load_run_base(config, device, unquantized=True, dtype=dtype)
     model = PeftModel.from_pretrained(base, run_dir / ADAPTER).merge_and_unload()

@@ -15,11 +15,10 @@ from typing import Any
 from sftbridge.aws import preflight
 from sftbridge.backends.sagemaker import hyperparameters as hp
 from sftbridge.config import ENV_NAME, RunConfig, load_config
-from sftbridge.data.loading import sha256_file
 from sftbridge.environment import BACKEND
 from sftbridge.errors import ConfigError, DataError
 from sftbridge.planning.hardware import PRICE_TABLE_DATE, gpu_count, price_per_hour
-from sftbridge.runs import SECRET_ENV_VARS
+from sftbridge.runs import SECRET_ENV_VARS, sha256_file
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker syncs this folder with CheckpointConfig.S3Uri
 CODE_CHANNEL = "code"
