@@ -1,0 +1,165 @@
+"""`sftbridge export RUN --format gguf`: a GGUF that independent readers (transformers' GGUF loader, gguf's
+GGUFReader, llama.cpp itself when llama-cpp-python is installed) read back as the merged model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SAMPLE_TRAIN, SHORT_RUN_PAIRS, cli
+
+pytest.importorskip("gguf")
+
+# The questions short_run answers exactly (it knows nothing else), and their reference answers.
+SAMPLES = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()[:SHORT_RUN_PAIRS]]
+QUESTIONS = [sample["question"] for sample in SAMPLES]
+
+
+@pytest.fixture(scope="module")
+def merged(short_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sftbridge.inference.merge import merge_run
+
+    return merge_run(short_run, tmp_path_factory.mktemp("export") / "merged", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def merged_answers(merged: Path) -> list[str]:
+    from sftbridge.inference.folder import ModelFolder
+
+    predictor = ModelFolder.open(merged).predictor(device="cpu")
+    return [g.text for g in predictor.generate([predictor.prompt(q) for q in QUESTIONS])]
+
+
+def gguf_predictor(file: Path, merged: Path) -> Any:
+    """The GGUF as transformers loads it (dequantised to fp32), with the tokenizer built from the file alone,
+    prompted through the run's prompt format (read from the merged folder's manifest)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.inference.predictor import Predictor
+
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    folder = ModelFolder.open(merged)
+    return Predictor(model.eval(), tokenizer, folder.prompt_format, folder.generation)
+
+
+def test_run_exports_to_a_gguf_that_transformers_answers_as_the_merged_model(
+    short_run: Path, merged: Path, merged_answers: list[str], tmp_path: Path
+) -> None:
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from sftbridge.inference.folder import ModelFolder
+
+    out = tmp_path / "gguf"
+    result = cli("export", str(short_run), "--format", "gguf", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "tiny-cpu-f16.gguf"]  # the merge is gone
+    file = out / "tiny-cpu-f16.gguf"
+    assert f"gguf: {file}" in result.stdout.splitlines()
+    assert not list(tmp_path.glob(".*partial"))
+    assert "Unknown separator" not in result.stderr  # gguf's reader's warning about the pair template
+
+    # The metadata, as llama.cpp's own reader sees it.
+    reader = GGUFReader(file)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    prompter = ModelFolder.open(short_run).prompter
+    tokenizer = prompter.tokenizer
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.chat_template"] == prompter.chat_template() == tokenizer.chat_template
+    eos = fields["tokenizer.ggml.eos_token_id"]
+    assert eos == tokenizer.eos_token_id and fields["tokenizer.ggml.tokens"][eos] == "</s>"
+    assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.add_bos_token"] is True
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert types["blk.0.attn_q.weight"] == types["output.weight"] == GGMLQuantizationType.F16
+
+    # transformers' GGUF loader (dequantising, un-permuting q/k) answers every question as the merged model.
+    predictor = gguf_predictor(file, merged)
+    prompts = [predictor.prompt(q) for q in QUESTIONS]
+    answers = [g.text for g in predictor.generate(prompts)]
+    assert answers == merged_answers == [sample["correct_answer"] for sample in SAMPLES]
+    # The tokenizer rebuilt from the file's tokens and scores splits text as the run's (questions and
+    # answers: no special token in them; after one, transformers' rebuilt Llama tokenizer adds no "▁" where
+    # the run's and llama.cpp do, which is why the prompts above start "<s>[" there and "<s>▁[" here).
+    texts = QUESTIONS + [sample["correct_answer"] for sample in SAMPLES] + ["naïve 🦙  tabs\tand\nlines"]
+    assert [predictor.tokenizer(t).input_ids for t in texts] == [tokenizer(t).input_ids for t in texts]
+
+
+def test_merged_folder_exports_to_q8_0(merged: Path, merged_answers: list[str], tmp_path: Path) -> None:
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    out = tmp_path / "q8"
+    result = cli("export", str(merged), "--quant", "q8_0", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    file = out / "tiny-cpu-q8_0.gguf"
+    types = {t.name: t.tensor_type for t in GGUFReader(file).tensors}
+    assert types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    assert types["output_norm.weight"] == GGMLQuantizationType.F32
+    # 8-bit blocks: about 1.06 bytes per weight; the tiny model's memorised answers survive the rounding.
+    assert file.stat().st_size < 0.6 * sum(f.stat().st_size for f in merged.glob("*.safetensors")) / 2
+    predictor = gguf_predictor(file, merged)
+    assert [g.text for g in predictor.generate([predictor.prompt(q) for q in QUESTIONS])] == merged_answers
+
+
+def test_modelfile_names_the_gguf_the_stop_token_and_the_runs_generation_defaults(merged: Path) -> None:
+    from sftbridge.inference.export import modelfile
+    from sftbridge.inference.folder import ModelFolder
+
+    text = modelfile(ModelFolder.open(merged), "tiny-cpu-f16.gguf")
+    assert text.splitlines() == [
+        "# ollama create tiny-cpu -f Modelfile",
+        "FROM ./tiny-cpu-f16.gguf",  # no TEMPLATE: Ollama reads the embedded Llama-2 chat template
+        'PARAMETER stop "</s>"',
+        "PARAMETER num_predict 24",  # configs/tiny-cpu.yaml's generation.max_new_tokens
+        "PARAMETER temperature 0",  # greedy, as the run generates
+        "PARAMETER repeat_penalty 1.0",
+    ]
+
+
+def test_unsupported_architecture_is_refused_in_one_line(merged: Path, tmp_path: Path) -> None:
+    from sftbridge.errors import UserError
+    from sftbridge.inference.gguf_file import write_gguf
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(merged, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UserError) as refused:
+        write_gguf(folder, tmp_path / "x.gguf")
+    assert str(refused.value) == (
+        f"{folder / 'config.json'}: architectures ['GPT2LMHeadModel']: GGUF export supports "
+        "LlamaForCausalLM only"
+    )
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_interrupted_export_leaves_nothing(
+    merged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sftbridge.inference import export
+
+    real_write = export.write_gguf
+
+    def write_then_interrupt(*args: Any, **kwargs: Any) -> None:
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C after the GGUF, before the Modelfile
+
+    monkeypatch.setattr(export, "write_gguf", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_folder(merged, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    again = cli("export", str(merged), "--out", str(tmp_path / "out"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    taken = cli("export", str(merged), "--out", str(tmp_path / "out"))
+    assert taken.returncode == 2
+    assert f"error: --out {tmp_path / 'out'}: already exists and is not empty; choose another folder" in (
+        taken.stderr.splitlines()
+    )
