@@ -163,3 +163,39 @@ def test_interrupted_export_leaves_nothing(
     assert f"error: --out {tmp_path / 'out'}: already exists and is not empty; choose another folder" in (
         taken.stderr.splitlines()
     )
+
+
+@pytest.mark.slow  # trains a 4-bit run (~10 s on 2 cores)
+def test_qlora_run_with_a_system_prompt_exports_its_16_bit_merge(tiny_config: Any, tmp_path: Path) -> None:
+    """A QLoRA adapter is merged into the unquantized base before export (a 4-bit weight cannot take it),
+    and the run's system prompt travels in the embedded chat template and the Modelfile's SYSTEM."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from sftbridge.inference.export import export_folder
+    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.inference.merge import merge_run
+    from sftbridge.training.train import train
+
+    config = tiny_config(
+        model__load_in_4bit=True, train__max_steps=4, data__system_prompt="Answer in a few words."
+    )
+    run = train(config, tmp_path / "qlora")
+    exported = export_folder(run, tmp_path / "gguf", device="cpu")
+    merged = merge_run(run, tmp_path / "merged", device="cpu")
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        exported.gguf.parent, gguf_file=exported.gguf.name, dtype=torch.float32
+    )
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    prompter = ModelFolder.open(run).prompter
+    ids = prompter.tokenizer(prompter.question(QUESTIONS[0]), add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        got, expected = gguf_model(**ids).logits, reference(**ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # f16 rounding of fp32 merged weights
+
+    template = GGUFReader(exported.gguf).fields["tokenizer.chat_template"].contents()
+    assert template == prompter.chat_template() and "Answer in a few words." in template
+    assert 'SYSTEM "Answer in a few words."' in exported.modelfile.read_text().splitlines()
