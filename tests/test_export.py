@@ -199,3 +199,31 @@ def test_qlora_run_with_a_system_prompt_exports_its_16_bit_merge(tiny_config: An
     template = GGUFReader(exported.gguf).fields["tokenizer.chat_template"].contents()
     assert template == prompter.chat_template() and "Answer in a few words." in template
     assert 'SYSTEM "Answer in a few words."' in exported.modelfile.read_text().splitlines()
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_answers_through_the_embedded_chat_template(
+    merged: Path, merged_answers: list[str], tmp_path: Path
+) -> None:
+    """llama.cpp itself: its tokenizer splits the run's prompts into the run's ids, and its chat completion,
+    formatted by the GGUF's own chat template, answers as the merged model."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (a source build; README, Export)"
+    )
+    from sftbridge.inference.export import export_folder
+    from sftbridge.inference.folder import ModelFolder
+
+    exported = export_folder(merged, tmp_path / "gguf")
+    llm = llama_cpp.Llama(model_path=str(exported.gguf), n_ctx=512, n_threads=2, seed=0, verbose=False)
+    prompter = ModelFolder.open(merged).prompter
+    for question in QUESTIONS:
+        prompt = prompter.question(question)
+        expected_ids = prompter.tokenizer(prompt, add_special_tokens=False).input_ids
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == expected_ids
+    answers = [
+        llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}], temperature=0.0, max_tokens=24
+        )["choices"][0]["message"]["content"]
+        for question in QUESTIONS
+    ]
+    assert [answer.strip() for answer in answers] == merged_answers

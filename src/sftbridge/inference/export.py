@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sftbridge.errors import UserError
 from sftbridge.inference.folder import ModelFolder
-from sftbridge.inference.gguf_file import QUANTS, write_gguf
+from sftbridge.inference.gguf_file import QUANTS, gguf_library, write_gguf
 from sftbridge.runs import require_empty, staged
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def export_folder(
         raise UserError(f"--format {format}: expected one of {', '.join(FORMATS)}")
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
+    gguf_library()  # before a merge that may take minutes
     folder = ModelFolder.open(path, trust_remote_code=trust_remote_code)
     require_empty(out_dir, f"--out {out_dir}", "folder", UserError)
     name = folder.manifest.run_name or folder.name

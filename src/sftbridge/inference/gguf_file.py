@@ -55,8 +55,7 @@ def write_gguf(
 
     Raises UserError naming the file and field for an architecture, rope scaling or tokenizer this writer does
     not support (nothing is written then)."""
-    import gguf
-
+    gguf = gguf_library()
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
     config = _supported_config(model_dir)
@@ -85,12 +84,23 @@ def write_gguf(
         writer.close()
 
 
+def gguf_library() -> Any:
+    """The ``gguf`` module, or a UserError saying how to install it (the ``export`` extra)."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(
+            "GGUF export needs llama.cpp's gguf library: pip install 'sftbridge[export]' (or gguf)"
+        ) from None
+    return gguf
+
+
 # ---- what is supported -------------------------------------------------------------------------------------
 def _supported_config(model_dir: Path) -> dict[str, Any]:
     file = model_dir / "config.json"
     config = json.loads(file.read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
-    if architectures[:1] != list(ARCHITECTURES[:1]) or len(architectures) != 1:
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
         raise UserError(
             f"{file}: architectures {architectures}: GGUF export supports {', '.join(ARCHITECTURES)} only"
         )
