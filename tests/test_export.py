@@ -112,7 +112,8 @@ def test_modelfile_names_the_gguf_the_stop_token_and_the_runs_generation_default
     from sftbridge.inference.export import modelfile
     from sftbridge.inference.folder import ModelFolder
 
-    text = modelfile(ModelFolder.open(merged), "tiny-cpu-f16.gguf")
+    folder = ModelFolder.open(merged)
+    text = modelfile(folder.prompter, folder.generation, name="tiny-cpu", gguf_name="tiny-cpu-f16.gguf")
     assert text.splitlines() == [
         "# ollama create tiny-cpu -f Modelfile",
         "FROM ./tiny-cpu-f16.gguf",  # no TEMPLATE: Ollama reads the embedded Llama-2 chat template
@@ -121,6 +122,35 @@ def test_modelfile_names_the_gguf_the_stop_token_and_the_runs_generation_default
         "PARAMETER temperature 0",  # greedy, as the run generates
         "PARAMETER repeat_penalty 1.0",
     ]
+
+
+def test_modelfile_template_where_training_wrapped_the_question(tokenizer: Any) -> None:
+    """A JumpStart-style template around the question, or a model trained without its chat template: what
+    Ollama's chat template would not add is a TEMPLATE (BOS left to llama.cpp); sampling parameters too."""
+    from sftbridge.config import GenerationSection, Template
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.prompter import Prompter
+    from sftbridge.inference.export import modelfile
+
+    sampling = GenerationSection(do_sample=True, temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=64)
+    wrapped = PromptFormat("template", "chat_template", Template(prompt="Briefly: {q}", completion=" {a}"))
+    lines = modelfile(Prompter(tokenizer, wrapped), sampling, name="n", gguf_name="n.gguf").splitlines()
+    assert lines[2] == 'TEMPLATE "[INST] Briefly: {{ .Prompt }} [/INST]"'
+    assert lines[4:] == [
+        "PARAMETER num_predict 64",
+        "PARAMETER temperature 0.7",
+        "PARAMETER top_p 0.9",
+        "PARAMETER top_k 40",
+        "PARAMETER repeat_penalty 1.0",
+    ]
+    plain = modelfile(
+        Prompter(tokenizer, PromptFormat("qa", "plain", None, "Be brief.")),
+        GenerationSection(),
+        name="n",
+        gguf_name="n.gguf",
+    )
+    assert 'TEMPLATE """Be brief.\n\nQuestion: {{ .Prompt }}\nAnswer:"""' in plain
+    assert "SYSTEM" not in plain  # the system prompt is in the template already
 
 
 def test_unsupported_architecture_is_refused_in_one_line(merged: Path, tmp_path: Path) -> None:

@@ -23,11 +23,16 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sftbridge.errors import UserError
 from sftbridge.inference.folder import ModelFolder
 from sftbridge.inference.gguf_file import QUANTS, gguf_library, write_gguf
 from sftbridge.runs import require_empty, staged
+
+if TYPE_CHECKING:
+    from sftbridge.config import GenerationSection
+    from sftbridge.data.prompter import Prompter
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +85,16 @@ def export_folder(
         )
         if source != folder.path:
             shutil.rmtree(source)
-        (staging / MODELFILE).write_text(modelfile(folder, gguf_name), encoding="utf-8")
+        text = modelfile(folder.prompter, folder.generation, name=name, gguf_name=gguf_name)
+        (staging / MODELFILE).write_text(text, encoding="utf-8")
     log.info("exported %s to %s (%s)", path, out_dir / gguf_name, quant)
     return Exported(out_dir / gguf_name, out_dir / MODELFILE)
 
 
-def modelfile(folder: ModelFolder, gguf_name: str) -> str:
+def modelfile(prompter: Prompter, generation: GenerationSection, *, name: str, gguf_name: str) -> str:
     """An Ollama Modelfile for the GGUF: the stop token, the run's generation defaults, and a TEMPLATE and
     SYSTEM only where the embedded chat template does not already say how a question is asked."""
-    prompter = folder.prompter
-    lines = [f"# ollama create {folder.manifest.run_name or folder.name} -f Modelfile", f"FROM ./{gguf_name}"]
+    lines = [f"# ollama create {name} -f Modelfile", f"FROM ./{gguf_name}"]
     question = prompter.question(_QUESTION)
     if question != prompter.chat([{"role": "user", "content": _QUESTION}]):
         head, _, tail = question.partition(_QUESTION)
@@ -100,7 +105,6 @@ def modelfile(folder: ModelFolder, gguf_name: str) -> str:
     eos = prompter.tokenizer.eos_token
     if eos:
         lines.append(f"PARAMETER stop {_quoted(eos)}")
-    generation = folder.generation
     lines.append(f"PARAMETER num_predict {generation.max_new_tokens}")
     if generation.do_sample:
         lines.append(f"PARAMETER temperature {generation.temperature}")
