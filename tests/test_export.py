@@ -27,11 +27,15 @@ def merged(short_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def merged_answers(merged: Path) -> list[str]:
+def merged_predictor(merged: Path) -> Any:
     from sftbridge.inference.folder import ModelFolder
 
-    predictor = ModelFolder.open(merged).predictor(device="cpu")
-    return [g.text for g in predictor.generate([predictor.prompt(q) for q in QUESTIONS])]
+    return ModelFolder.open(merged).predictor(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def merged_answers(merged_predictor: Any) -> list[str]:
+    return [g.text for g in merged_predictor.generate([merged_predictor.prompt(q) for q in QUESTIONS])]
 
 
 def gguf_predictor(file: Path, merged: Path) -> Any:
@@ -50,8 +54,9 @@ def gguf_predictor(file: Path, merged: Path) -> Any:
 
 
 def test_run_exports_to_a_gguf_that_transformers_answers_as_the_merged_model(
-    short_run: Path, merged: Path, merged_answers: list[str], tmp_path: Path
+    short_run: Path, merged: Path, merged_predictor: Any, merged_answers: list[str], tmp_path: Path
 ) -> None:
+    import torch
     from gguf import GGMLQuantizationType, GGUFReader
 
     from sftbridge.inference.folder import ModelFolder
@@ -85,9 +90,17 @@ def test_run_exports_to_a_gguf_that_transformers_answers_as_the_merged_model(
     prompts = [predictor.prompt(q) for q in QUESTIONS]
     answers = [g.text for g in predictor.generate(prompts)]
     assert answers == merged_answers == [sample["correct_answer"] for sample in SAMPLES]
+    # The same ids give the same logits, to f16 rounding (a q/k permutation gone wrong shows here, not in
+    # the answers of a model that memorised them).
+    ids = merged_predictor.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got, expected = predictor.model(**ids).logits, merged_predictor.model(**ids).logits
+    mask = ids["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=0.05, rtol=0)
     # The tokenizer rebuilt from the file's tokens and scores splits text as the run's (questions and
-    # answers: no special token in them; after one, transformers' rebuilt Llama tokenizer adds no "▁" where
-    # the run's and llama.cpp do, which is why the prompts above start "<s>[" there and "<s>▁[" here).
+    # answers). Right after a special token it differs: transformers' rebuilt Llama tokenizer adds no "▁"
+    # there, the run's and llama.cpp's do, so its prompts read "<s>[INST]" where the run's read "<s>▁[INST]"
+    # (the answers above agree all the same).
     texts = QUESTIONS + [sample["correct_answer"] for sample in SAMPLES] + ["naïve 🦙  tabs\tand\nlines"]
     assert [predictor.tokenizer(t).input_ids for t in texts] == [tokenizer(t).input_ids for t in texts]
 
