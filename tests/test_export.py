@@ -285,3 +285,49 @@ def test_llama_cpp_answers_through_the_embedded_chat_template(
         assert [answer.strip() for answer in answers] == merged_answers
     finally:
         llm.close()
+
+
+@pytest.mark.llama_cpp
+def test_llama2_vocabulary_tokenizes_in_llama_cpp_as_its_sentencepiece_scores_do(tmp_path: Path) -> None:
+    """Llama-2's real 32k vocabulary, written from its tokenizer.json (merges, no SentencePiece scores):
+    llama.cpp splits llama.cpp's own tokenizer test texts and the sample questions exactly as with the
+    original file's scores. Needs llama.cpp's models/ folder (the llama-cpp-python sdist's
+    vendor/llama.cpp/models) in LLAMA_CPP_MODELS."""
+    import os
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    models = Path(os.environ.get("LLAMA_CPP_MODELS", "/nonexistent"))
+    reference = models / "ggml-vocab-llama-spm.gguf"
+    if not reference.is_file():
+        pytest.skip("set LLAMA_CPP_MODELS to llama.cpp's models/ folder (ggml-vocab-llama-spm.gguf)")
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sftbridge.inference.gguf_file import write_gguf
+
+    folder = tmp_path / "llama2-vocab"
+    tokenizer = AutoTokenizer.from_pretrained(models, gguf_file=reference.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_gguf(folder, tmp_path / "ours.gguf")
+
+    texts = [t for t in Path(f"{reference}.inp").read_text().split("\n__ggml_vocab_test__\n") if t]
+    texts += QUESTIONS + [json.loads(line)["question"] for line in SAMPLE_TRAIN.read_text().splitlines()]
+    original = llama_cpp.Llama(model_path=str(reference), vocab_only=True, verbose=False)
+    ours = llama_cpp.Llama(model_path=str(tmp_path / "ours.gguf"), vocab_only=True, verbose=False)
+    try:
+        for text in texts:
+            expected = original.tokenize(text.encode(), add_bos=True)
+            assert ours.tokenize(text.encode(), add_bos=True) == expected, text
+    finally:
+        original.close()
+        ours.close()
+    # The same tokens with the same types (normal, control, unknown, byte) as the original file.
+    fields = [GGUFReader(file).fields for file in (tmp_path / "ours.gguf", reference)]
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id"):
+        assert fields[0][key].contents() == fields[1][key].contents(), key

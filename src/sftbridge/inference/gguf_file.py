@@ -167,33 +167,9 @@ def _add_vocabulary(writer: Any, model_dir: Path, vocab_size: int, chat_template
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"{file}: token id {max(vocab.values())} >= config.json vocab_size {vocab_size}")
 
-    scores = _merge_scores(model.get("merges") or [])
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # ids the tokenizer leaves unused, as the script does
-    token_scores = [-1000.0] * vocab_size
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for text, token_id in vocab.items():
-        tokens[token_id] = text
-        token_scores[token_id] = scores.get(text, 0.0)
-        if token_id in added:
-            special = added[token_id].get("special")
-            types[token_id] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
-            token_scores[token_id] = 0.0 if special else -1000.0
-        elif text == model.get("unk_token"):
-            types[token_id] = gguf.TokenType.UNKNOWN
-        elif _BYTE_TOKEN.fullmatch(text):
-            types[token_id] = gguf.TokenType.BYTE
-        else:
-            types[token_id] = gguf.TokenType.NORMAL
-    if model.get("unk_token") in vocab:
-        types[vocab[model["unk_token"]]] = gguf.TokenType.UNKNOWN
-
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(token_scores)
-    writer.add_token_types(types)
-    # Its reader also parses the pair template (sentence pairs, which a chat model never encodes) and warns
-    # about Llama-2's ("Unknown separator token '<s>'"): a warning that would only puzzle a user here.
+    # gguf's reader of the special tokens (bos/eos/unk/pad ids, add_bos/add_eos, the chat template) also
+    # parses the pair template (sentence pairs, which a chat model never encodes) and warns about Llama-2's
+    # ("Unknown separator token '<s>'"): a warning that would only puzzle a user here.
     reader_log = logging.getLogger("gguf.vocab")
     level = reader_log.level
     reader_log.setLevel(logging.ERROR)
@@ -203,6 +179,31 @@ def _add_vocabulary(writer: Any, model_dir: Path, vocab_size: int, chat_template
         reader_log.setLevel(level)
     if chat_template is not None:
         special.chat_template = chat_template
+
+    scores = _merge_scores(model.get("merges") or [])
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # ids the tokenizer leaves unused, as the script does
+    token_scores = [-1000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+        token_scores[token_id] = scores.get(text, 0.0)
+        if token_id in added:
+            special_token = added[token_id].get("special")
+            types[token_id] = gguf.TokenType.CONTROL if special_token else gguf.TokenType.USER_DEFINED
+            token_scores[token_id] = 0.0 if special_token else -1000.0
+        elif _BYTE_TOKEN.fullmatch(text):
+            types[token_id] = gguf.TokenType.BYTE
+        else:
+            types[token_id] = gguf.TokenType.NORMAL
+    unknown = special.special_token_ids.get("unk")
+    if unknown is not None:  # SentencePiece's <unk> is a type of its own, not a control token
+        types[unknown] = gguf.TokenType.UNKNOWN
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(token_scores)
+    writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
 
 
