@@ -245,6 +245,7 @@ def test_qlora_run_with_a_system_prompt_exports_its_16_bit_merge(tiny_config: An
 
 
 @pytest.mark.llama_cpp
+@pytest.mark.slow  # llama.cpp on 2 shared cores: 1-20 s
 def test_llama_cpp_answers_through_the_embedded_chat_template(
     merged: Path, merged_answers: list[str], tmp_path: Path
 ) -> None:
@@ -288,6 +289,7 @@ def test_llama_cpp_answers_through_the_embedded_chat_template(
 
 
 @pytest.mark.llama_cpp
+@pytest.mark.slow  # llama.cpp on 2 shared cores: 1-20 s
 def test_llama2_vocabulary_tokenizes_in_llama_cpp_as_its_sentencepiece_scores_do(tmp_path: Path) -> None:
     """Llama-2's real 32k vocabulary, written from its tokenizer.json (merges, no SentencePiece scores):
     llama.cpp splits llama.cpp's own tokenizer test texts and the sample questions exactly as with the
