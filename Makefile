@@ -27,10 +27,10 @@ lock:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(UV_SPEC)"
 	$(VENV)/bin/uv pip compile -q pyproject.toml --python-version 3.11 --override requirements/no-torch.txt \
-		--extra dev --extra qlora --extra sagemaker --extra serve -o requirements/dev.lock
+		--extra dev --extra qlora --extra sagemaker --extra serve --extra export -o requirements/dev.lock
 	$(VENV)/bin/uv pip compile -q pyproject.toml --python-version 3.11 --override requirements/no-torch.txt \
-		--extra qlora --extra sagemaker --extra serve --extra tensorboard --extra trackio --extra mlflow \
-		--extra wandb -o requirements/user.lock
+		--extra qlora --extra sagemaker --extra serve --extra export --extra tensorboard --extra trackio \
+		--extra mlflow --extra wandb -o requirements/user.lock
 
 # Build the tiny model, train it with LoRA on data/sciq-sample on the CPU, evaluate adapter vs. base.
 demo: install

@@ -12,8 +12,8 @@ from packaging.utils import canonicalize_name
 from conftest import ROOT
 
 LOCKS = {  # lock -> the extras it was compiled with (the Makefile's `lock` target)
-    "dev.lock": ("dev", "qlora", "sagemaker", "serve"),
-    "user.lock": ("qlora", "sagemaker", "serve", "tensorboard", "trackio", "mlflow", "wandb"),
+    "dev.lock": ("dev", "qlora", "sagemaker", "serve", "export"),
+    "user.lock": ("qlora", "sagemaker", "serve", "export", "tensorboard", "trackio", "mlflow", "wandb"),
 }
 
 

@@ -30,6 +30,10 @@ COMMANDS = {
         "local HTTP endpoint speaking SageMaker's, TGI's and OpenAI's APIs (a run or a merged folder)",
     ),
     "merge": ("sftbridge.cli.serving", "fold the adapter into the base: plain safetensors + tokenizer"),
+    "export": (
+        "sftbridge.cli.export",
+        "a run or merged folder as one GGUF file + Ollama Modelfile (llama.cpp)",
+    ),
     "deploy": ("sftbridge.cli.serving", "a SageMaker real-time endpoint (Hugging Face vLLM image, or TGI)"),
     "invoke": ("sftbridge.cli.serving", "ask a deployed endpoint a question (the run's template)"),
     "undeploy": ("sftbridge.cli.serving", "delete an endpoint, its endpoint config and its model"),

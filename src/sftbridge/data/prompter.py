@@ -22,12 +22,27 @@ prompt ending ``assistant`` or ``assistant\\n\\n`` gets exactly one newline back
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from sftbridge.data.formatting import Message, PromptFormat, bos_text
 
 _MARKER = "SFTBRIDGEQUESTIONMARKER"  # no whitespace or punctuation: every chat template keeps it intact
+_INJECT_SYSTEM = (
+    "{%- if messages and messages[0]['role'] != 'system' -%}"
+    "{%- set messages = [{'role': 'system', 'content': SYSTEM}] + messages -%}"
+    "{%- endif -%}"
+)
+_PLAIN = (
+    "{{- BOS -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- message['content'] -}}"
+    "{%- else -%}{{- raise_exception('multi-turn conversations need a chat template') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 class Prompter:
@@ -51,6 +66,21 @@ class Prompter:
         """A chat history ending with the user, with the run's system prompt when it has none."""
         fmt = self.prompt_format
         return fmt.render_prompt(self.tokenizer, fmt.with_system(list(messages)))
+
+    def chat_template(self) -> str:
+        """One Jinja chat template that renders a conversation exactly as :meth:`chat`: what an engine that
+        formats chats itself is given (vLLM's ``--chat-template``, a GGUF's ``tokenizer.chat_template``)."""
+        fmt = self.prompt_format
+        if fmt.chat_format == "chat_template":
+            body = str(self.tokenizer.chat_template)
+        else:
+            bos = self.chat([{"role": "user", "content": "x"}]).removesuffix("x")
+            if fmt.system_prompt:
+                bos = bos.removesuffix(fmt.system_prompt + "\n\n")
+            body = _PLAIN.replace("BOS", _literal(bos))
+        if fmt.system_prompt:
+            body = _INJECT_SYSTEM.replace("SYSTEM", _literal(fmt.system_prompt)) + body
+        return body
 
     def holds_template(self, text: str) -> bool:
         """Whether ``text`` is already a formatted prompt, not a plain question: it starts with BOS or the
@@ -88,3 +118,8 @@ class Prompter:
     def completion(self, text: str) -> str:
         """An OpenAI completions prompt: text to continue, used as written after BOS (as vLLM does)."""
         return text if not self.bos or text.startswith(self.bos) else self.bos + text
+
+
+def _literal(text: str) -> str:
+    """A Jinja string literal (JSON's escapes are Jinja's too)."""
+    return json.dumps(text)

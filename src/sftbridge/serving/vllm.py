@@ -15,7 +15,6 @@ by the CPU set-up.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import TYPE_CHECKING
 
 from sftbridge.errors import UserError
@@ -25,40 +24,10 @@ if TYPE_CHECKING:
     from sftbridge.data.prompter import Prompter
     from sftbridge.inference.folder import ModelFolder
 
-_INJECT_SYSTEM = (
-    "{%- if messages and messages[0]['role'] != 'system' -%}"
-    "{%- set messages = [{'role': 'system', 'content': SYSTEM}] + messages -%}"
-    "{%- endif -%}"
-)
-_PLAIN = (
-    "{{- BOS -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n\\n' -}}"
-    "{%- elif message['role'] == 'user' -%}{{- message['content'] -}}"
-    "{%- else -%}{{- raise_exception('multi-turn conversations need a chat template') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-
-def _literal(text: str) -> str:
-    """A Jinja string literal (JSON's escapes are Jinja's too)."""
-    return json.dumps(text)
-
 
 def chat_template(prompter: Prompter) -> str:
     """One Jinja chat template that renders a conversation exactly as the run's :meth:`Prompter.chat`."""
-    fmt = prompter.prompt_format
-    if fmt.chat_format == "chat_template":
-        body = str(prompter.tokenizer.chat_template)
-    else:
-        bos = prompter.chat([{"role": "user", "content": "x"}]).removesuffix("x")
-        if fmt.system_prompt:
-            bos = bos.removesuffix(fmt.system_prompt + "\n\n")
-        body = _PLAIN.replace("BOS", _literal(bos))
-    if fmt.system_prompt:
-        body = _INJECT_SYSTEM.replace("SYSTEM", _literal(fmt.system_prompt)) + body
-    return body
+    return prompter.chat_template()
 
 
 def _base_of(folder: ModelFolder) -> str:
