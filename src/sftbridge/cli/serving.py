@@ -6,10 +6,22 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sftbridge.cli.options import add_device, add_json, add_region, add_run, add_trust_remote_code
+from sftbridge.cli.options import (
+    add_device,
+    add_json,
+    add_region,
+    add_run,
+    add_runs,
+    add_trust_remote_code,
+    named_runs,
+)
 from sftbridge.errors import UserError
 from sftbridge.serving import defaults
+
+if TYPE_CHECKING:
+    from sftbridge.inference.folder import ModelFolder
 
 
 def _positive(text: str) -> int:
@@ -20,7 +32,11 @@ def _positive(text: str) -> int:
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run(parser, "run directory, or a folder written by `sftbridge merge`")
+    add_runs(
+        parser,
+        "run directories on one base, each served under its folder's name or as NAME=RUN, the base as "
+        "<first>-base; or one folder written by `sftbridge merge`",
+    )
     parser.add_argument(
         "--host",
         default=defaults.HOST,
@@ -59,8 +75,8 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         default="sftbridge",
         choices=["sftbridge", "vllm"],
-        help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the run's base, adapter and "
-        "chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
+        help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the runs' base, each adapter as "
+        "a LoRA module, and the chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="--engine vllm: print the vllm command, start nothing"
@@ -154,6 +170,11 @@ def invoke_arguments(parser: argparse.ArgumentParser) -> None:
         "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
     )
     parser.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
+    parser.add_argument(
+        "--model",
+        help="which served model answers: an adapter's name (`deploy A B --mode adapter`, `serve A B`) or "
+        "<first>-base (default: the endpoint's own, or the server's first run)",
+    )
     parser.add_argument("--max-new-tokens", type=_positive)
     parser.add_argument("--temperature", type=float, help="sample at this temperature (default: the run's)")
     parser.add_argument("--top-p", type=float)
@@ -178,12 +199,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
-    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.inference.adapters import served_predictors
     from sftbridge.serving.server import LocalServer, ServeSettings, listen
 
-    folder = ModelFolder.open(
-        args.run, trust_remote_code=args.trust_remote_code
-    )  # checked before torch: one line on a bad folder
+    folders = _open_runs(args)  # checked before torch: one line on a bad folder
 
     settings = ServeSettings(
         host=args.host,
@@ -202,18 +221,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(
             f"--host {args.host} --port {args.port}: cannot listen ({exc}); try --port 0"
         ) from None
-    predictor = folder.predictor(device=args.device)
+    predictors = served_predictors(folders, device=args.device)
     # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
-    server = LocalServer(
-        predictor, settings, source=str(args.run), log_config=uvicorn.config.LOGGING_CONFIG, listener=listener
-    )
+    server = LocalServer(predictors, settings, log_config=uvicorn.config.LOGGING_CONFIG, listener=listener)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning(
             "listening on %s: reachable from other machines, and the server has no authentication", args.host
         )
+    served = ", ".join(f"{name} ({folders[name].path})" if name in folders else name for name in predictors)
     print(
-        f"serving {args.run} on {server.url} "
-        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions, /v1/completions)",
+        f"serving {served} on {server.url} "
+        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions, /v1/completions; "
+        "OpenAI's model or TGI's parameters.adapter_id picks one)",
         flush=True,
     )
     # uvicorn stops gracefully on SIGINT or SIGTERM (how SageMaker and process managers stop a container),
@@ -224,17 +243,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_runs(args: argparse.Namespace) -> dict[str, ModelFolder]:
+    """Every RUN (or NAME=RUN) opened and checked; several must be runs on one base."""
+    from sftbridge.inference.adapters import check_shared_base
+    from sftbridge.inference.folder import ModelFolder
+
+    folders = {
+        name: ModelFolder.open(path, trust_remote_code=args.trust_remote_code)
+        for name, path in named_runs(args.runs).items()
+    }
+    if len(folders) > 1 or not next(iter(folders.values())).is_merged:
+        check_shared_base(folders)
+    return folders
+
+
 def _serve_vllm(args: argparse.Namespace) -> int:
-    """``vllm serve`` with the run's base, adapter and chat template; replaces this process."""
+    """``vllm serve`` with the runs' base, adapters and chat template; replaces this process."""
     import os
     import shutil
 
-    from sftbridge.inference.folder import ModelFolder
     from sftbridge.serving.vllm import serve_command
 
-    command = serve_command(
-        ModelFolder.open(args.run, trust_remote_code=args.trust_remote_code), host=args.host, port=args.port
-    )
+    command = serve_command(_open_runs(args), host=args.host, port=args.port)
     if args.dry_run:
         print(" ".join(command))
         return 0
@@ -308,6 +338,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         run=args.run,
         raw=args.raw,
         engine=args.engine,
+        model=args.model,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
