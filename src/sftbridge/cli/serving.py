@@ -101,7 +101,11 @@ def merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def deploy_arguments(parser: argparse.ArgumentParser) -> None:
     add_trust_remote_code(parser)
-    add_run(parser, "run directory (merged on the way) or a merged folder")
+    add_runs(
+        parser,
+        "run directory (merged on the way) or a merged folder; or, with --mode adapter, several runs on one "
+        "base (NAME=RUN to name an adapter), each a LoRA module of one endpoint",
+    )
     parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
     parser.add_argument(
         "--instance-type", default=defaults.INSTANCE_TYPE, help=f"default {defaults.INSTANCE_TYPE}"
@@ -294,8 +298,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from sftbridge.serving.deploy import deploy
 
+    runs = named_runs(args.runs)
     result = deploy(
-        args.run,
+        runs if len(runs) > 1 else runs[next(iter(runs))],
         name=args.name,
         instance_type=args.instance_type,
         engine=args.engine,
@@ -324,7 +329,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     )
     print(f"image {result['image']} ({result['engine']}, {result['mode']})")
     print(f"model {result['model_data']}")
-    print(f'ask it: sftbridge invoke {result["endpoint"]} "your question"')
+    if len(runs) > 1:
+        print(f"adapters {', '.join(runs)}; the base as {result['endpoint']}-base")
+        print(f'ask one: sftbridge invoke {result["endpoint"]} "your question" --model {next(iter(runs))}')
+    else:
+        print(f'ask it: sftbridge invoke {result["endpoint"]} "your question"')
     return 0
 
 
