@@ -458,6 +458,12 @@ def test_cli_deploys_two_adapters_as_lora_modules_of_one_endpoint(
     args = ["deploy", f"alpha={short_run}", str(other_short_run), "--role", ROLE, "--name", "many"]
     assert main([*args, "--base", base]) == 2  # one endpoint for several runs: LoRA modules only
     assert "add --mode adapter" in capsys.readouterr().err
+    assert main([*args, "--base", base, "--mode", "adapter", "--dry-run"]) == 0
+    modules = '  - "alpha=/opt/ml/model/alpha"\n  - "other=/opt/ml/model/other"\n'
+    assert (
+        f"/opt/ml/model/vllm_config.yaml, in the model data:\nlora-modules:\n{modules}"
+        in capsys.readouterr().out
+    )
     assert main([*args, "--base", base, "--mode", "adapter", "--instance-type", "ml.g4dn.2xlarge"]) == 0
     out = capsys.readouterr().out
     assert "adapters alpha, other; the base as many-base" in out
@@ -477,9 +483,7 @@ def test_cli_deploys_two_adapters_as_lora_modules_of_one_endpoint(
         "SM_VLLM_CONFIG": "/opt/ml/model/vllm_config.yaml",
     }
     members = model_data()
-    assert members["vllm_config.yaml"].decode() == (
-        'lora-modules:\n  - "alpha=/opt/ml/model/alpha"\n  - "other=/opt/ml/model/other"\n'
-    )
+    assert members["vllm_config.yaml"].decode() == f"lora-modules:\n{modules}"
     for adapter, run in (("alpha", short_run), ("other", other_short_run)):
         assert (
             members[f"{adapter}/adapter_model.safetensors"]

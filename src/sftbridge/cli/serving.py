@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -270,12 +271,12 @@ def _serve_vllm(args: argparse.Namespace) -> int:
 
     command = serve_command(_open_runs(args), host=args.host, port=args.port)
     if args.dry_run:
-        print(" ".join(command))
+        print(shlex.join(command))  # quoted where a path needs it: copy, paste, run
         return 0
     executable = shutil.which("vllm")
     if executable is None:
         raise UserError("--engine vllm needs vLLM on a GPU machine: pip install 'sftbridge[vllm]'")
-    print(f"starting: {' '.join(command)}", flush=True)
+    print(f"starting: {shlex.join(command)}", flush=True)
     os.execv(executable, command)
     return 0  # not reached: exec replaced this process
 
@@ -296,7 +297,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from sftbridge.serving.deploy import deploy
+    from sftbridge.serving.deploy import MODEL_DIR, VLLM_CONFIG, deploy
 
     runs = named_runs(args.runs)
     result = deploy(
@@ -322,6 +323,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         import json
 
         print(json.dumps(result["requests"], indent=2))
+        if result["vllm_config"]:
+            print(f"{MODEL_DIR}/{VLLM_CONFIG}, in the model data:\n{result['vllm_config']}", end="")
         print(f"dry run: nothing uploaded or created; the model data would go to {result['model_data']}")
         return 0
     print(

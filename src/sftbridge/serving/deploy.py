@@ -326,6 +326,7 @@ def deploy(
         "engine": engine,
         "mode": mode,
         "environment": environment,
+        "vllm_config": config_file,  # several runs' LoRA modules, at /opt/ml/model/vllm_config.yaml
     }
     if dry_run:
         return {**summary, "status": "dry run: nothing uploaded or created", "requests": requests}
