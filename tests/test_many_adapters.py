@@ -122,6 +122,10 @@ def test_openai_model_and_tgi_adapter_id_pick_the_model_and_models_lists_all(ser
         model="other", messages=[{"role": "user", "content": b_question}], temperature=0
     )
     assert reply.model == "other" and B_FACTS[0]["correct_answer"] in (reply.choices[0].message.content or "")
+    stream = client.chat.completions.create(
+        model="other", messages=[{"role": "user", "content": b_question}], temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == reply.choices[0].message.content
     # No model named: the first run, as vLLM serves its first model.
     status, body = post(server, "/invocations", {"messages": [{"role": "user", "content": a_question}]})
     assert status == 200 and body["model"] == "alpha"
