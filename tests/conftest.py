@@ -205,8 +205,18 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the shipped tiny-cpu config, 30 steps on the sample's first 8 Q/A pairs. That is 30 epochs of them: it
     answers those 8 exactly and stops at EOS, and knows nothing else. No answer metrics (their tests train
     their own runs)."""
-    folder = tmp_path_factory.mktemp("short")
-    train_file = write_jsonl(folder / "train.jsonl", SAMPLE_TRAIN.read_text().splitlines()[:SHORT_RUN_PAIRS])
+    return _short_run(tmp_path_factory.mktemp("short"), "tiny", slice(0, SHORT_RUN_PAIRS))
+
+
+@pytest.fixture(scope="session")
+def other_short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``short_run`` on the next 8 Q/A pairs: another adapter of the same base that knows other facts (serving
+    several adapters at once)."""
+    return _short_run(tmp_path_factory.mktemp("other"), "other", slice(SHORT_RUN_PAIRS, 2 * SHORT_RUN_PAIRS))
+
+
+def _short_run(folder: Path, name: str, pairs: slice) -> Path:
+    train_file = write_jsonl(folder / "train.jsonl", SAMPLE_TRAIN.read_text().splitlines()[pairs])
     overrides = [
         f"data.train_file={train_file}",
         "train.per_device_batch_size=8",
@@ -214,7 +224,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.logging_steps=5",
         "train.answer_metrics=false",
     ]
-    return train_in_root(overrides, folder / "tiny")
+    return train_in_root(overrides, folder / name)
 
 
 @pytest.fixture(scope="session")

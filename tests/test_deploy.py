@@ -445,3 +445,57 @@ def test_dry_run_creates_nothing_and_an_aws_error_leaves_nothing(
     assert aws.of("DeleteModel") == [{"ModelName": "tiny"}]
     assert [key for key in s3_objects() if key.startswith("sftbridge/endpoints/tiny/")] == []
     assert boto3.client("sagemaker", region_name=REGION).list_models()["Models"] == []
+
+
+def test_cli_deploys_two_adapters_as_lora_modules_of_one_endpoint(
+    aws: Recorder, short_run: Path, other_short_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deploy alpha=A B --mode adapter`: one model whose environment names both LoRA modules (through vLLM's
+    --config file: the image passes each variable as one argument), both adapters in one model data."""
+    from sftbridge.cli import main
+
+    base = f"s3://{BUCKET}/bases/tiny-llama/"
+    args = ["deploy", f"alpha={short_run}", str(other_short_run), "--role", ROLE, "--name", "many"]
+    assert main([*args, "--base", base]) == 2  # one endpoint for several runs: LoRA modules only
+    assert "add --mode adapter" in capsys.readouterr().err
+    assert main([*args, "--base", base, "--mode", "adapter", "--dry-run"]) == 0
+    modules = '  - "alpha=/opt/ml/model/alpha"\n  - "other=/opt/ml/model/other"\n'
+    assert (
+        f"/opt/ml/model/vllm_config.yaml, in the model data:\nlora-modules:\n{modules}"
+        in capsys.readouterr().out
+    )
+    assert main([*args, "--base", base, "--mode", "adapter", "--instance-type", "ml.g4dn.2xlarge"]) == 0
+    out = capsys.readouterr().out
+    assert "adapters alpha, other; the base as many-base" in out
+    assert 'sftbridge invoke many "your question" --model alpha' in out
+    ((name, created),) = [(c["ModelName"], c) for c in aws.of("CreateModel")]
+    assert name == "many"
+    assert created["PrimaryContainer"]["Environment"] == {
+        "SM_VLLM_MODEL": "/opt/ml/additional-model-data-sources/base",
+        "SM_VLLM_SERVED_MODEL_NAME": "many-base",
+        "SM_VLLM_ENABLE_LORA": "",
+        "SM_VLLM_MAX_LORA_RANK": "16",  # the largest rank of the two
+        "SM_VLLM_TOKENIZER": "/opt/ml/model/alpha",
+        "SM_VLLM_CHAT_TEMPLATE": "/opt/ml/model/chat_template.jinja",
+        "SM_VLLM_MAX_LORAS": "2",
+        "SM_VLLM_TENSOR_PARALLEL_SIZE": "1",
+        "SM_VLLM_DTYPE": "float16",
+        "SM_VLLM_CONFIG": "/opt/ml/model/vllm_config.yaml",
+    }
+    members = model_data()
+    assert members["vllm_config.yaml"].decode() == f"lora-modules:\n{modules}"
+    for adapter, run in (("alpha", short_run), ("other", other_short_run)):
+        assert (
+            members[f"{adapter}/adapter_model.safetensors"]
+            == (run / "adapter/adapter_model.safetensors").read_bytes()
+        )
+        assert f"{adapter}/tokenizer.json" in members
+    assert {"chat_template.jinja", "sftbridge.json"} <= set(members)
+
+    set_endpoint_answer({"choices": [{"message": {"content": " Ganymede"}, "finish_reason": "stop"}]})
+    assert (
+        main(["invoke", "many", "Which moon of Jupiter is the largest?", "--model", "other", "--json"]) == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["request"]["model"] == "other" and shown["response"]["generated_text"] == " Ganymede"
+    assert_no_token(aws)

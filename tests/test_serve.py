@@ -510,7 +510,7 @@ def test_vllm_command_for_a_run_and_a_merged_folder(short_run: Path, tmp_path: P
 
     folder = ModelFolder.open(short_run)
     prompter = folder.prompter
-    command = serve_command(folder, host="127.0.0.1", port=8000, name="tiny")
+    command = serve_command({"tiny": folder}, host="127.0.0.1", port=8000)
     base = Path(os.environ["SFTBRIDGE_CACHE"]) / "builtin" / "tiny-llama-v1"  # the built-in base's folder
 
     def value(flag: str) -> str:
@@ -528,7 +528,7 @@ def test_vllm_command_for_a_run_and_a_merged_folder(short_run: Path, tmp_path: P
     )
     assert rendered == prompter.chat(messages)  # vLLM formats as training did
     merged = merge_run(short_run, tmp_path / "merged", dtype="float32", device="cpu")
-    command = serve_command(ModelFolder.open(merged), host="127.0.0.1", port=8000)
+    command = serve_command({"merged": ModelFolder.open(merged)}, host="127.0.0.1", port=8000)
     assert command[:5] == ["vllm", "serve", str(merged.resolve()), "--served-model-name", "merged"]
     assert "--enable-lora" not in command
     result = cli("serve", str(short_run), "--engine", "vllm", "--dry-run", "--port", "8001")
@@ -604,7 +604,7 @@ def test_work_for_clients_that_left_is_dropped(predictor: Any) -> None:
             release.wait(60)
             return prompt
 
-        worker.submit(Job(hold, _greedy(8), asyncio.new_event_loop()))
+        worker.submit(Job(hold, _greedy(8), asyncio.new_event_loop(), predictor))
         assert entered.wait(30)
 
     def settle(expected: int) -> None:

@@ -1,5 +1,6 @@
 """Options several commands share, each defined once: a run folder, a config with its KEY=VALUE overrides,
-``--device``, ``--json`` and ``--region``. Cheap to import: argparse and pathlib only."""
+``--device``, ``--json`` and ``--region``; several runs, each ``NAME=RUN`` or ``RUN``. Cheap to import:
+argparse and pathlib only."""
 
 from __future__ import annotations
 
@@ -49,3 +50,28 @@ def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
         help="let a folder whose model needs its own Python code (trust_remote_code, auto_map) run it; "
         "without it such a folder is refused, since it may come from anyone",
     )
+
+
+def add_runs(parser: argparse.ArgumentParser, help: str) -> None:
+    """RUN [RUN ...], each optionally NAME=RUN: read them with :func:`named_runs`."""
+    parser.add_argument("runs", nargs="+", metavar="RUN", help=help)
+
+
+def named_runs(specs: list[str]) -> dict[str, Path]:
+    """``RUN`` or ``NAME=RUN`` -> {name: folder}, in the order given; a run is named after its folder.
+    A path that exists is a path even with ``=`` in it. UserError for a repeated or blank name."""
+    from sftbridge.errors import UserError
+
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, separator, path = spec.partition("=")
+        if not separator or Path(spec).exists():
+            name, path = Path(spec).resolve().name, spec
+        if not name or any(c.isspace() for c in name):
+            raise UserError(f"{spec}: NAME=RUN needs a name without spaces")
+        if name in runs:
+            raise UserError(
+                f"{spec}: a second run named {name!r} (the first is {runs[name]}); name one NAME=RUN"
+            )
+        runs[name] = Path(path)
+    return runs

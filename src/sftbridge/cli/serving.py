@@ -5,11 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sftbridge.cli.options import add_device, add_json, add_region, add_run, add_trust_remote_code
+from sftbridge.cli.options import (
+    add_device,
+    add_json,
+    add_region,
+    add_run,
+    add_runs,
+    add_trust_remote_code,
+    named_runs,
+)
 from sftbridge.errors import UserError
 from sftbridge.serving import defaults
+
+if TYPE_CHECKING:
+    from sftbridge.inference.folder import ModelFolder
 
 
 def _positive(text: str) -> int:
@@ -20,7 +33,11 @@ def _positive(text: str) -> int:
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run(parser, "run directory, or a folder written by `sftbridge merge`")
+    add_runs(
+        parser,
+        "run directories on one base, each served under its folder's name or as NAME=RUN, the base as "
+        "<first>-base; or one folder written by `sftbridge merge`",
+    )
     parser.add_argument(
         "--host",
         default=defaults.HOST,
@@ -59,8 +76,8 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         default="sftbridge",
         choices=["sftbridge", "vllm"],
-        help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the run's base, adapter and "
-        "chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
+        help="sftbridge: this server (CPU or GPU); vllm: `vllm serve` with the runs' base, each adapter as "
+        "a LoRA module, and the chat template (a GPU and `pip install 'sftbridge[vllm]'`)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="--engine vllm: print the vllm command, start nothing"
@@ -85,7 +102,11 @@ def merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def deploy_arguments(parser: argparse.ArgumentParser) -> None:
     add_trust_remote_code(parser)
-    add_run(parser, "run directory (merged on the way) or a merged folder")
+    add_runs(
+        parser,
+        "run directory (merged on the way) or a merged folder; or, with --mode adapter, several runs on one "
+        "base (NAME=RUN to name an adapter), each a LoRA module of one endpoint",
+    )
     parser.add_argument("--backend", default="sagemaker", choices=["sagemaker"])
     parser.add_argument(
         "--instance-type", default=defaults.INSTANCE_TYPE, help=f"default {defaults.INSTANCE_TYPE}"
@@ -154,6 +175,11 @@ def invoke_arguments(parser: argparse.ArgumentParser) -> None:
         "--run", type=Path, help="format with this run's template (default: the endpoint's record)"
     )
     parser.add_argument("--raw", action="store_true", help="send the question as is, unformatted")
+    parser.add_argument(
+        "--model",
+        help="which served model answers: an adapter's name (`deploy A B --mode adapter`, `serve A B`) or "
+        "<first>-base (default: the endpoint's own, or the server's first run)",
+    )
     parser.add_argument("--max-new-tokens", type=_positive)
     parser.add_argument("--temperature", type=float, help="sample at this temperature (default: the run's)")
     parser.add_argument("--top-p", type=float)
@@ -178,12 +204,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise UserError("serve needs FastAPI and uvicorn: pip install 'sftbridge[serve]'") from None
-    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.inference.adapters import served_predictors
     from sftbridge.serving.server import LocalServer, ServeSettings, listen
 
-    folder = ModelFolder.open(
-        args.run, trust_remote_code=args.trust_remote_code
-    )  # checked before torch: one line on a bad folder
+    folders = _open_runs(args)  # checked before torch: one line on a bad folder
 
     settings = ServeSettings(
         host=args.host,
@@ -202,18 +226,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(
             f"--host {args.host} --port {args.port}: cannot listen ({exc}); try --port 0"
         ) from None
-    predictor = folder.predictor(device=args.device)
+    predictors = served_predictors(folders, device=args.device)
     # uvicorn's own logging set-up: its lines, one access line per request included, at INFO.
-    server = LocalServer(
-        predictor, settings, source=str(args.run), log_config=uvicorn.config.LOGGING_CONFIG, listener=listener
-    )
+    server = LocalServer(predictors, settings, log_config=uvicorn.config.LOGGING_CONFIG, listener=listener)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning(
             "listening on %s: reachable from other machines, and the server has no authentication", args.host
         )
+    served = ", ".join(f"{name} ({folders[name].path})" if name in folders else name for name in predictors)
     print(
-        f"serving {args.run} on {server.url} "
-        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions, /v1/completions)",
+        f"serving {served} on {server.url} "
+        "(POST /generate, /generate_stream, /invocations, /v1/chat/completions, /v1/completions; "
+        "OpenAI's model or TGI's parameters.adapter_id picks one)",
         flush=True,
     )
     # uvicorn stops gracefully on SIGINT or SIGTERM (how SageMaker and process managers stop a container),
@@ -224,24 +248,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_runs(args: argparse.Namespace) -> dict[str, ModelFolder]:
+    """Every RUN (or NAME=RUN) opened and checked; several must be runs on one base."""
+    from sftbridge.inference.adapters import check_shared_base
+    from sftbridge.inference.folder import ModelFolder
+
+    folders = {
+        name: ModelFolder.open(path, trust_remote_code=args.trust_remote_code)
+        for name, path in named_runs(args.runs).items()
+    }
+    if len(folders) > 1 or not next(iter(folders.values())).is_merged:
+        check_shared_base(folders)
+    return folders
+
+
 def _serve_vllm(args: argparse.Namespace) -> int:
-    """``vllm serve`` with the run's base, adapter and chat template; replaces this process."""
+    """``vllm serve`` with the runs' base, adapters and chat template; replaces this process."""
     import os
     import shutil
 
-    from sftbridge.inference.folder import ModelFolder
     from sftbridge.serving.vllm import serve_command
 
-    command = serve_command(
-        ModelFolder.open(args.run, trust_remote_code=args.trust_remote_code), host=args.host, port=args.port
-    )
+    command = serve_command(_open_runs(args), host=args.host, port=args.port)
     if args.dry_run:
-        print(" ".join(command))
+        print(shlex.join(command))  # quoted where a path needs it: copy, paste, run
         return 0
     executable = shutil.which("vllm")
     if executable is None:
         raise UserError("--engine vllm needs vLLM on a GPU machine: pip install 'sftbridge[vllm]'")
-    print(f"starting: {' '.join(command)}", flush=True)
+    print(f"starting: {shlex.join(command)}", flush=True)
     os.execv(executable, command)
     return 0  # not reached: exec replaced this process
 
@@ -262,10 +297,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from sftbridge.serving.deploy import deploy
+    from sftbridge.serving.deploy import MODEL_DIR, VLLM_CONFIG, deploy
 
+    runs = named_runs(args.runs)
     result = deploy(
-        args.run,
+        runs if len(runs) > 1 else runs[next(iter(runs))],
         name=args.name,
         instance_type=args.instance_type,
         engine=args.engine,
@@ -287,6 +323,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         import json
 
         print(json.dumps(result["requests"], indent=2))
+        if result["vllm_config"]:
+            print(f"{MODEL_DIR}/{VLLM_CONFIG}, in the model data:\n{result['vllm_config']}", end="")
         print(f"dry run: nothing uploaded or created; the model data would go to {result['model_data']}")
         return 0
     print(
@@ -294,7 +332,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     )
     print(f"image {result['image']} ({result['engine']}, {result['mode']})")
     print(f"model {result['model_data']}")
-    print(f'ask it: sftbridge invoke {result["endpoint"]} "your question"')
+    if len(runs) > 1:
+        print(f"adapters {', '.join(runs)}; the base as {result['endpoint']}-base")
+        print(f'ask one: sftbridge invoke {result["endpoint"]} "your question" --model {next(iter(runs))}')
+    else:
+        print(f'ask it: sftbridge invoke {result["endpoint"]} "your question"')
     return 0
 
 
@@ -308,6 +350,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         run=args.run,
         raw=args.raw,
         engine=args.engine,
+        model=args.model,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -184,13 +184,16 @@ class ModelFolder:
 
         return Predictor(model, self.tokenizer(), self.prompt_format, self.generation)
 
+    def load_base(self, device: str = "auto") -> Any:
+        """A run's base model, loaded as the run's config says, without its adapter."""
+        from sftbridge.models.loading import load_run_base
+
+        return load_run_base(self.loading_config, device)
+
     def _load_adapter(self, device: str) -> Any:
         from peft import PeftModel
 
-        from sftbridge.models.loading import load_run_base
-
-        base = load_run_base(self.loading_config, device)
-        model = PeftModel.from_pretrained(base, self.path / ADAPTER)
+        model = PeftModel.from_pretrained(self.load_base(device), self.path / ADAPTER)
         model.eval()
         return model
 

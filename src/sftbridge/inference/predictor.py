@@ -19,6 +19,7 @@ from sftbridge.data.formatting import Message, PromptFormat
 from sftbridge.data.prompter import Prompter
 
 log = logging.getLogger(__name__)
+BASE = ""  # Predictor(adapter=BASE): the base of a model holding several adapters, all of them off
 
 
 @dataclass
@@ -55,12 +56,21 @@ class Predictor:
     """A model (a base with a run's LoRA adapter, or merged weights), its tokenizer and its prompt format.
 
     Open a folder with :meth:`ModelFolder.open(path).predictor() <sftbridge.inference.folder.ModelFolder>`
-    (or :meth:`from_run`)."""
+    (or :meth:`from_run`). ``adapter`` names the adapter to generate with when the model holds several
+    (``inference.adapters``: predictors that share one model), :data:`BASE` for none; None, the model as
+    loaded."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, prompt_format: PromptFormat, generation: GenerationSection
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_format: PromptFormat,
+        generation: GenerationSection,
+        *,
+        adapter: str | None = None,
     ):
         self.model = model
+        self.adapter = adapter
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.generation = generation
@@ -81,6 +91,17 @@ class Predictor:
         if isinstance(question, str):
             return self.prompter.question(question)
         return self.prompter.chat(question)
+
+    @contextlib.contextmanager
+    def _selected(self) -> Iterator[None]:
+        """This predictor's adapter active while it generates (a no-op for a model with one adapter)."""
+        if self.adapter == BASE:
+            with self.model.disable_adapter():
+                yield
+            return
+        if self.adapter is not None and self.model.active_adapter != self.adapter:
+            self.model.set_adapter(self.adapter, inference_mode=True)
+        yield
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[None]:
@@ -116,7 +137,7 @@ class Predictor:
         batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         kwargs = self._decoding(settings)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._selected():
             output = self.model.generate(**batch, **kwargs)
         width = batch["input_ids"].shape[1]
         generations = []
@@ -165,7 +186,7 @@ class Predictor:
         tracker = _TokenTracker(self.tokenizer, prompt_ids, list(stop), on_token)
         kwargs = self._decoding(settings)
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._selected():
             self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -209,7 +230,7 @@ class Predictor:
                 )
 
             stop.append(stop_if_abandoned)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._selected():
             output = self.model.generate(
                 **batch,
                 **self._decoding(settings),

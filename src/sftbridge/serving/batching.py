@@ -2,8 +2,10 @@
 
 The HTTP server runs on an asyncio event loop; the model and its tokenizer are used only in this worker's
 thread (a fast tokenizer used from two threads at once fails with "Already borrowed"). A request becomes a
-:class:`Job`. The worker takes the next job; when it can be batched (greedy, no stop sequences, no prefill,
-not streamed) it also takes the compatible jobs already queued, and, once others are arriving, waits up to
+:class:`Job` for the predictor of the model it names (several adapters on one base: one predictor each,
+sharing the weights). The worker takes the next job; when it can be batched (greedy, no stop sequences, no
+prefill, not streamed) it also takes the compatible jobs already queued (same predictor, so same adapter:
+each answer is the one that adapter gives alone), and, once others are arriving, waits up to
 ``batch_window_s`` for more, up to ``max_batch_size``. A lone request is run at once: batching costs it
 nothing. Jobs it cannot batch run alone, in arrival order.
 
@@ -35,13 +37,14 @@ class ClientGone(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One generation: how to make its prompt (in the worker: it tokenizes), its decoding, and where the
-    answer goes (a future, or for a stream an event queue of ("start", prompt), ("token", Token),
-    ("done", result) and ("error", RequestError))."""
+    """One generation: how to make its prompt (in the worker: it tokenizes), its decoding, the predictor
+    (model and adapter) that answers it, and where the answer goes (a future, or for a stream an event
+    queue of ("start", prompt), ("token", Token), ("done", result) and ("error", RequestError))."""
 
     make_prompt: Callable[[], str]
     decoding: dict[str, Any]
     loop: asyncio.AbstractEventLoop
+    predictor: Predictor
     future: asyncio.Future[tuple[str, DetailedGeneration]] | None = None
     events: asyncio.Queue[tuple[str, Any]] | None = None
     deadline: float = 0.0
@@ -54,7 +57,7 @@ class Job:
         d = self.decoding
         if self.events is not None or d["do_sample"] or d["stop"] or d["prefill"]:
             return None
-        return (d["max_new_tokens"], d.get("repetition_penalty"))
+        return (id(self.predictor), d["max_new_tokens"], d.get("repetition_penalty"))
 
     # ---- answers, posted to the event loop's thread
     def emit(self, kind: str, value: Any) -> None:
@@ -89,14 +92,12 @@ class ModelWorker:
 
     def __init__(
         self,
-        predictor: Predictor,
         *,
         max_batch_size: int,
         batch_window_s: float,
         max_queue: int,
         request_timeout_s: float,
     ) -> None:
-        self.predictor = predictor
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.max_queue = max_queue
@@ -213,7 +214,7 @@ class ModelWorker:
         # Batchable, even alone: plain generate() is cheaper per token than generate_details' streamer.
         decoding = {k: v for k, v in jobs[0].decoding.items() if k not in ("stop", "seed", "prefill")}
         self.batches.append(len(jobs))
-        results = self.predictor.generate_details_batch(
+        results = jobs[0].predictor.generate_details_batch(
             [job.prompt for job in jobs], abandoned=lambda: all(job.gone for job in jobs), **decoding
         )
         if all(job.gone for job in jobs):
@@ -233,7 +234,7 @@ class ModelWorker:
 
         self.batches.append(1)
         try:
-            result = self.predictor.generate_details(job.prompt, on_token=on_token, **job.decoding)
+            result = job.predictor.generate_details(job.prompt, on_token=on_token, **job.decoding)
         except ClientGone:
             self.dropped += 1
             log.info("client went away")

@@ -3,6 +3,7 @@ undeploy it.
 
     sftbridge deploy RUN [--mode merged|adapter] [--base HUB_ID|s3://...] [--engine vllm|tgi]
                          [--instance-type ml.g5.2xlarge] [--role ARN] [--bucket B]
+    sftbridge deploy RUN [NAME=RUN ...] --mode adapter
     sftbridge undeploy ENDPOINT
 
 ``deploy`` checks everything it can before any work (region, credentials, role, instance type, image, bucket
@@ -23,6 +24,13 @@ endpoint, all three named NAME and tagged with the record's location and the eng
     (``SM_VLLM_MODEL``; the run's own base unless ``--base``; a gated one would need a token, which
     sftbridge never sends: copy it to S3) or ``--base s3://BUCKET/PREFIX/`` (an uncompressed model folder,
     mounted as an additional model data source).
+  - several runs (``--mode adapter`` only; one base, one prompt format): one endpoint, one model, every
+    adapter a LoRA module named after its run (or NAME), in ``/opt/ml/model/NAME/`` of the one model data;
+    the base as ``NAME-base`` (NAME the endpoint's). The image's entrypoint passes each ``SM_VLLM_*``
+    variable as one argument, so the modules cannot be one variable (vLLM would read ``a=X b=Y`` as one
+    module): they are vLLM's ``--config`` file ``vllm_config.yaml`` in the model data
+    (``SM_VLLM_CONFIG``), beside ``SM_VLLM_MAX_LORAS`` and ``SM_VLLM_MAX_LORA_RANK`` (the largest rank).
+    The record is the first run's. ``invoke ENDPOINT --model NAME`` asks one adapter.
 
 - ``--engine tgi``: Hugging Face's LLM image (TGI 3.3.6 at most, in maintenance since December 2025), merged
   weights, ``HF_MODEL_ID=/opt/ml/model``.
@@ -43,6 +51,7 @@ import logging
 import re
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +70,8 @@ MODES = ("merged", "adapter")
 MODEL_DIR = "/opt/ml/model"  # where SageMaker unpacks model.tar.gz
 BASE_CHANNEL = "base"  # --base s3://...: mounted at /opt/ml/additional-model-data-sources/base
 CHAT_TEMPLATE = "chat_template.jinja"
+VLLM_CONFIG = "vllm_config.yaml"  # vLLM's --config: the options with several values (--lora-modules)
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder in the model data, a vLLM model name
 VARIANT = "AllTraffic"
 NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's endpoint/model name rule
 WEIGHTS_SHARE_OF_GPU = 0.8  # the rest is the engine's KV cache and activations
@@ -223,7 +234,7 @@ def default_name(run_name: str) -> str:
 
 
 def deploy(
-    source: str | Path,
+    source: str | Path | Mapping[str, str | Path],
     *,
     name: str | None = None,
     engine: str = "vllm",
@@ -242,14 +253,18 @@ def deploy(
     dry_run: bool = False,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Deploy a run directory (merged here unless ``mode="adapter"``) or a merged folder; returns what was
+    """Deploy a run directory (merged here unless ``mode="adapter"``) or a merged folder, or with
+    ``mode="adapter"`` several runs on one base (``{name: run}``: each a LoRA module); returns what was
     created. ``dry_run``: every check that writes nothing, then the requests it would send (model, endpoint
     config, endpoint) under ``"requests"``; nothing is merged, uploaded or created.
 
     An AWS error while uploading or creating is one DeployError naming the call; what was uploaded and
     created is removed again."""
+    runs = _several(source, mode, trust_remote_code)  # before any AWS call
+    if isinstance(source, Mapping):
+        source = next(iter(source.values()))
     source = Path(source)
-    opened = ModelFolder.open(source, trust_remote_code=trust_remote_code)  # before any AWS call
+    opened = ModelFolder.open(source, trust_remote_code=trust_remote_code)
     merged = opened.is_merged
     run_backend = {} if merged else opened.run_config.backend.model_dump()
     name = name or default_name(opened.manifest.run_name or "run")
@@ -279,14 +294,14 @@ def deploy(
         run_backend=run_backend,
         check_bucket=not dry_run,
     )
-    environment = (
-        _vllm_environment(target, mode, base, dtype, opened)
-        if engine == "vllm"
-        else {
+    config_file = None  # vLLM's --config, with several runs' LoRA modules
+    if engine == "vllm":
+        environment, config_file = _vllm_environment(target, mode, base, dtype, opened, runs)
+    else:
+        environment = {
             "HF_MODEL_ID": MODEL_DIR,  # the unpacked model.tar.gz: no Hub download, no token
             "SM_NUM_GPUS": str(target.gpus),  # TGI shards the model over this many GPUs
         }
-    )
     extra_sources = []
     if base is not None and base.startswith("s3://"):
         extra_sources = [
@@ -311,11 +326,12 @@ def deploy(
         "engine": engine,
         "mode": mode,
         "environment": environment,
+        "vllm_config": config_file,  # several runs' LoRA modules, at /opt/ml/model/vllm_config.yaml
     }
     if dry_run:
         return {**summary, "status": "dry run: nothing uploaded or created", "requests": requests}
     try:
-        _upload_model(source, opened, target, mode=mode, dtype=dtype)
+        _upload_model(source, opened, target, mode=mode, dtype=dtype, runs=runs, config_file=config_file)
         status = _create(target, requests, wait)
     except aws_errors() as exc:
         _remove_uploads(target)
@@ -327,6 +343,35 @@ def deploy(
     return {**summary, "status": status}
 
 
+def _several(
+    source: str | Path | Mapping[str, str | Path], mode: str, trust_remote_code: bool
+) -> dict[str, ModelFolder] | None:
+    """Several runs, opened and checked as one endpoint's LoRA modules; None for one folder (a mapping of
+    one is that folder: its adapter keeps the endpoint's name)."""
+    from sftbridge.inference.adapters import check_shared_base
+    from sftbridge.serving.vllm import shared_chat_template
+
+    if not isinstance(source, Mapping) or len(source) == 1:
+        return None
+    if mode != "adapter":
+        raise DeployError(
+            f"{len(source)} runs: several runs share one endpoint as LoRA modules on their base: "
+            "add --mode adapter (or deploy each alone)"
+        )
+    bad = [name for name in source if not ADAPTER_NAME.match(name)]
+    if bad:
+        raise DeployError(
+            f"{', '.join(bad)}: an adapter's name becomes a folder and a model name: use letters, digits, "
+            "'.', '_' and '-' (NAME=RUN)"
+        )
+    runs = {
+        name: ModelFolder.open(path, trust_remote_code=trust_remote_code) for name, path in source.items()
+    }
+    check_shared_base(runs)
+    shared_chat_template(runs)  # one endpoint, one chat template
+    return runs
+
+
 def aws_errors() -> tuple[type[Exception], ...]:
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
@@ -334,8 +379,18 @@ def aws_errors() -> tuple[type[Exception], ...]:
     return (ClientError, BotoCoreError, S3UploadFailedError)
 
 
-def _upload_model(source: Path, opened: ModelFolder, target: Target, *, mode: str, dtype: str) -> None:
-    """The model data (merged here from a run unless ``mode="adapter"``) and the record, to S3."""
+def _upload_model(
+    source: Path,
+    opened: ModelFolder,
+    target: Target,
+    *,
+    mode: str,
+    dtype: str,
+    runs: Mapping[str, ModelFolder] | None = None,
+    config_file: str | None = None,
+) -> None:
+    """The model data (merged here from a run unless ``mode="adapter"``; several runs' adapters each in a
+    folder of its name, with vLLM's ``config_file``) and the record, to S3."""
     from sftbridge.inference.merge import merge_run
     from sftbridge.runs import ADAPTER
     from sftbridge.serving.vllm import chat_template
@@ -344,9 +399,14 @@ def _upload_model(source: Path, opened: ModelFolder, target: Target, *, mode: st
         extra: dict[str, bytes] = {}
         if target.engine == "vllm":  # the run's prompt format, as vLLM's --chat-template
             extra[CHAT_TEMPLATE] = chat_template(opened.prompter).encode()
+        subfolders: dict[str, Path] = {}
         if mode == "adapter":
             folder = source / ADAPTER
             extra[MANIFEST] = (source / MANIFEST).read_bytes()
+            if config_file is not None:
+                extra[VLLM_CONFIG] = config_file.encode()
+            if runs is not None:
+                subfolders = {name: run.path / ADAPTER for name, run in runs.items()}
         else:
             folder = source
             if not opened.is_merged:
@@ -355,7 +415,7 @@ def _upload_model(source: Path, opened: ModelFolder, target: Target, *, mode: st
                     source, Path(tmp) / "merged", dtype=dtype, device="auto", trust_remote_code=opened.trusted
                 )
             _check_fits(folder, target)
-        _upload(folder, extra, target, Path(tmp), adapter=mode == "adapter")
+        _upload(folder, extra, target, Path(tmp), adapter=mode == "adapter", subfolders=subfolders)
 
 
 def _remove_uploads(target: Target) -> None:
@@ -389,11 +449,18 @@ def _adapter_base(folder: ModelFolder, base: str | None) -> str:
 
 
 def _vllm_environment(
-    target: Target, mode: str, base: str | None, dtype: str, folder: ModelFolder
-) -> dict[str, str]:
+    target: Target,
+    mode: str,
+    base: str | None,
+    dtype: str,
+    folder: ModelFolder,
+    runs: Mapping[str, ModelFolder] | None = None,
+) -> tuple[dict[str, str], str | None]:
     """``SM_VLLM_*`` variables: :func:`~sftbridge.serving.vllm.launch_options` with SageMaker's paths (the
-    model data at /opt/ml/model, an S3 base as an additional model data source), on every GPU."""
-    from sftbridge.serving.vllm import as_sagemaker_environment, launch_options
+    model data at /opt/ml/model, an S3 base as an additional model data source), on every GPU; and the
+    text of vLLM's ``--config`` file at /opt/ml/model/vllm_config.yaml that holds several runs' modules
+    (None for one run)."""
+    from sftbridge.serving.vllm import as_config_file, as_sagemaker_environment, launch_options
 
     from_s3 = base is not None and base.startswith("s3://")
     if mode == "merged":
@@ -406,12 +473,14 @@ def _vllm_environment(
         merged=mode == "merged",
         name=target.name,
         model=model,
-        weights=MODEL_DIR,
+        weights=MODEL_DIR if runs is None else f"{MODEL_DIR}/{next(iter(runs))}",
         chat_template=f"{MODEL_DIR}/{CHAT_TEMPLATE}",
         revision=None if mode == "merged" or from_s3 else folder.run_config.model.revision,
+        adapters=None if runs is None else {name: (run, f"{MODEL_DIR}/{name}") for name, run in runs.items()},
     )
     options.update({"tensor-parallel-size": str(target.gpus), "dtype": dtype})
-    return as_sagemaker_environment(options)
+    environment = as_sagemaker_environment(options, config_file=f"{MODEL_DIR}/{VLLM_CONFIG}")
+    return environment, as_config_file(options)
 
 
 def _check_fits(folder: Path, target: Target) -> None:
@@ -426,9 +495,18 @@ def _check_fits(folder: Path, target: Target) -> None:
         )
 
 
-def _upload(folder: Path, extra: dict[str, bytes], target: Target, tmp: Path, *, adapter: bool) -> str:
-    """model.tar.gz (the folder's files and ``extra`` at the archive root, as the images read /opt/ml/model)
-    and the record (what `invoke` formats with: the manifest, and the tokenizer beside it or, for an
+def _upload(
+    folder: Path,
+    extra: dict[str, bytes],
+    target: Target,
+    tmp: Path,
+    *,
+    adapter: bool,
+    subfolders: Mapping[str, Path] | None = None,
+) -> str:
+    """model.tar.gz (the folder's files and ``extra`` at the archive root, as the images read /opt/ml/model,
+    or, given ``subfolders``, each of those in a folder of its name and only ``extra`` at the root) and the
+    record (what `invoke` formats with: the manifest, and ``folder``'s tokenizer beside it or, for an
     adapter, in ``adapter/`` as in a run directory), to S3."""
     s3 = target.session.client("s3", region_name=target.region)
     base = f"{target.prefix}/{target.name}"
@@ -437,10 +515,13 @@ def _upload(folder: Path, extra: dict[str, bytes], target: Target, tmp: Path, *,
         (tmp / file_name).write_bytes(data)
     files = [f for f in sorted(folder.iterdir()) if f.is_file() and f.name not in extra]
     files += [tmp / file_name for file_name in extra]
+    members = {file.name: file for file in files} if not subfolders else {n: tmp / n for n in extra}
+    for name, subfolder in (subfolders or {}).items():
+        members.update({f"{name}/{f.name}": f for f in sorted(subfolder.iterdir()) if f.is_file()})
     # Safetensors barely compress: level 1 spends little time on them.
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-        for file in files:
-            tar.add(file, arcname=file.name)
+        for arcname, file in members.items():
+            tar.add(file, arcname=arcname)
     log.info(
         "uploading %s (%.1f MiB) to s3://%s/%s/",
         archive.name,

@@ -78,19 +78,27 @@ def _settings(folder: ModelFolder, overrides: dict[str, Any]) -> Any:
 
 
 def payload(
-    folder: ModelFolder | None, question: str, *, raw: bool = False, **overrides: Any
+    folder: ModelFolder | None,
+    question: str,
+    *,
+    raw: bool = False,
+    adapter: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """The seed's request body (TGI): the question in the run's template, decoding from the run's defaults.
-    Without a folder (a local server, no --run), the plain question: the server formats it itself."""
+    Without a folder (a local server, no --run), the plain question: the server formats it itself.
+    ``adapter``: the served model to answer, as TGI's ``parameters.adapter_id``."""
+    chosen = {"adapter_id": adapter} if adapter else {}
     if folder is None:
         given = {k: v for k, v in overrides.items() if v is not None}
         if "temperature" in given or "top_p" in given:
             given["do_sample"] = True
-        return {"inputs": question, "parameters": {**given, "details": True}}
+        return {"inputs": question, "parameters": {**given, **chosen, "details": True}}
     settings = _settings(folder, overrides)
     parameters: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}
     if settings.do_sample:  # TGI samples whenever these are present, so they go only with sampling
         parameters.update(temperature=settings.temperature, top_p=settings.top_p)
+    parameters.update(chosen)
     parameters["details"] = True
     return {"inputs": question if raw else folder.prompter.question(question), "parameters": parameters}
 
@@ -147,14 +155,18 @@ def invoke(
     run: str | Path | None = None,
     raw: bool = False,
     engine: str | None = None,
+    model: str | None = None,
     **overrides: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Send one question to a SageMaker endpoint or a server's URL in its engine's API; returns (request
-    body, answer) with the answer as :func:`answer_of` shapes it (the whole response under ``"response"``)."""
+    body, answer) with the answer as :func:`answer_of` shapes it (the whole response under ``"response"``).
+    ``model`` picks one of several served models (an adapter's name, or ``<first>-base``): OpenAI's
+    ``model``, TGI's ``parameters.adapter_id``; by default an endpoint's own name (its adapter, for a
+    one-adapter deploy), or a local server's first run."""
     if endpoint.startswith(("http://", "https://")):
         engine = engine or "vllm"  # sftbridge serve speaks both; OpenAI needs no template here
         folder = ModelFolder.open(run, weights=False) if run else None
-        body = _body(engine, folder, question, None, raw, overrides)
+        body = _body(engine, folder, question, model, raw, overrides)
         response = _post_local(endpoint, body)
     else:
         session, region = aws_session(region)
@@ -166,7 +178,9 @@ def invoke(
             folder = ModelFolder.open(_fetch_record(session, region, endpoint, tags), weights=False)
         else:
             folder = None
-        body = _body(engine, folder, question, endpoint, raw, overrides)
+        # vLLM serves a one-adapter deploy's fine-tune under the endpoint's name; a TGI endpoint, no adapters.
+        default = endpoint if engine == "vllm" else None
+        body = _body(engine, folder, question, model or default, raw, overrides)
         response = _invoke_endpoint(session, region, endpoint, body)
     return body, {**answer_of(response), "response": response}
 
@@ -180,7 +194,7 @@ def _body(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     if engine == "tgi":
-        return payload(folder, question, raw=raw, **overrides)
+        return payload(folder, question, raw=raw, adapter=model, **overrides)
     return openai_payload(folder, question, model, raw=raw, **overrides)
 
 

@@ -1,7 +1,12 @@
 """A local HTTP endpoint over the one inference wrapper: FastAPI on uvicorn, speaking SageMaker's, TGI's and
 OpenAI's API.
 
-    sftbridge serve RUN [--host 127.0.0.1] [--port 8080] [--max-batch-size 32]
+    sftbridge serve RUN [NAME=RUN ...] [--host 127.0.0.1] [--port 8080] [--max-batch-size 32]
+
+Each run is served under its folder's name (or NAME), and the base, adapters off, as ``<first>-base``
+(``inference.adapters``: one base in memory however many adapters). A request picks its model with OpenAI's
+``model`` field, or on the TGI routes (``/generate``, ``/``, ``/invocations`` with a TGI body) with TGI's
+``parameters.adapter_id``; without one it gets the first run. ``GET /v1/models`` lists them all.
 
 Routes:
 
@@ -33,7 +38,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +48,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from sftbridge.inference.predictor import DetailedGeneration, Predictor
+from sftbridge.inference.predictor import BASE, DetailedGeneration, Predictor
 from sftbridge.serving import defaults
 from sftbridge.serving.batching import Job, ModelWorker
 from sftbridge.serving.wire import (
@@ -64,6 +69,9 @@ from sftbridge.serving.wire import (
 
 log = logging.getLogger(__name__)
 BACKLOG = 256  # listen backlog: a burst of connections waits instead of being dropped
+# OpenAI "model" values that name no model: TGI ignores the field, its docs send "tgi", and huggingface_hub's
+# InferenceClient sends "dummy" when given a base_url. They get the default model, as TGI answers them.
+PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
 
 
 @dataclass
@@ -79,9 +87,10 @@ class ServeSettings:
 
 
 class Engine:
-    """Turns a validated request into a prompt and decoding settings."""
+    """Turns a validated request for one served model into a prompt and decoding settings."""
 
-    def __init__(self, predictor: Predictor, settings: ServeSettings) -> None:
+    def __init__(self, name: str, predictor: Predictor, settings: ServeSettings) -> None:
+        self.name = name
         self.predictor = predictor
         self.settings = settings
         config = getattr(predictor.model, "config", None)
@@ -138,20 +147,35 @@ class Engine:
 
 # ---- the application -------------------------------------------------------------------------------------
 class Service:
-    """What the routes share: the request engine, the model's worker thread and the settings."""
+    """What the routes share: a request engine per served model, the model's worker thread and the
+    settings. The first model is the default."""
 
-    def __init__(self, predictor: Predictor, settings: ServeSettings, source: str = "") -> None:
-        self.predictor = predictor
+    def __init__(self, models: Mapping[str, Predictor], settings: ServeSettings) -> None:
         self.settings = settings
-        self.engine = Engine(predictor, settings)
+        self.engines = {name: Engine(name, predictor, settings) for name, predictor in models.items()}
+        self.engine = next(iter(self.engines.values()))
+        self.predictor = self.engine.predictor
+        self.model_id = self.engine.name
         self.worker = ModelWorker(
-            predictor,
             max_batch_size=settings.max_batch_size,
             batch_window_s=settings.batch_window_s,
             max_queue=settings.max_queue,
             request_timeout_s=settings.request_timeout_s,
         )
-        self.model_id = source or "sftbridge"
+
+    def pick(self, name: str | None, field: str) -> Engine:
+        """The engine of the model a request names (the default when it names none, or a placeholder); 404
+        for another."""
+        if name is None or name in PLACEHOLDER_MODELS:
+            return self.engine
+        engine = self.engines.get(name)
+        if engine is None:
+            raise RequestError(
+                404,
+                f"{field}: no model {name!r} here; it serves {', '.join(self.engines)}",
+                "not_found",
+            )
+        return engine
 
     async def read(self, request: Request) -> bytes:
         """The body, with Content-Length or chunked, at most max_body_bytes (413 beyond)."""
@@ -169,12 +193,12 @@ class Service:
         return bytes(data)
 
     async def generate(
-        self, request: Request, make_prompt: Callable[[], str], decoding: dict[str, Any]
+        self, request: Request, engine: Engine, make_prompt: Callable[[], str], decoding: dict[str, Any]
     ) -> tuple[str, DetailedGeneration]:
         """One answer. A client that disconnects first has its job dropped (still queued) or stopped (at its
         next token): the worker's time goes to the clients still waiting."""
         loop = asyncio.get_running_loop()
-        job = Job(make_prompt, decoding, loop, future=loop.create_future())
+        job = Job(make_prompt, decoding, loop, engine.predictor, future=loop.create_future())
         self.worker.submit(job)
         assert job.future is not None
         left = asyncio.ensure_future(_disconnected(request))
@@ -190,11 +214,11 @@ class Service:
                 job.gone = True
 
     async def answers(
-        self, request: Request, jobs: list[tuple[Callable[[], str], dict[str, Any]]]
+        self, request: Request, engine: Engine, jobs: list[tuple[Callable[[], str], dict[str, Any]]]
     ) -> list[tuple[str, DetailedGeneration]]:
         """Several answers of one request (``n``, a list of prompts): if one fails (a full queue: 429), the
         others are dropped too, since the client gets the error and none of them."""
-        tasks = [asyncio.ensure_future(self.generate(request, *job)) for job in jobs]
+        tasks = [asyncio.ensure_future(self.generate(request, engine, *job)) for job in jobs]
         try:
             return await asyncio.gather(*tasks)
         finally:
@@ -203,13 +227,14 @@ class Service:
 
     async def stream(
         self,
+        engine: Engine,
         make_prompt: Callable[[], str],
         decoding: dict[str, Any],
         make_events: Callable[[Any, str], Any],
     ) -> Any:
         """Refusals before the first event are plain JSON; later errors are the stream's last event."""
         loop = asyncio.get_running_loop()
-        job = Job(make_prompt, decoding, loop, events=asyncio.Queue())
+        job = Job(make_prompt, decoding, loop, engine.predictor, events=asyncio.Queue())
         self.worker.submit(job)
         assert job.events is not None
         kind, value = await job.events.get()
@@ -240,54 +265,65 @@ class Service:
 
         return StreamingResponse(events(), headers=SSE_HEADERS)
 
-    def tgi_prompt(self, body: GenerateBody, decoding: dict[str, Any]) -> Callable[[], str]:
-        return lambda: self.engine.prompt(body, decoding["max_new_tokens"])
+    @staticmethod
+    def tgi_prompt(engine: Engine, body: GenerateBody, decoding: dict[str, Any]) -> Callable[[], str]:
+        return lambda: engine.prompt(body, decoding["max_new_tokens"])
 
     async def tgi(self, request: Request, body: GenerateBody, wrap: bool) -> Any:
-        decoding = self.engine.decoding(body.parameters)
+        engine = self.pick(body.parameters.adapter_id, "parameters.adapter_id")
+        decoding = engine.decoding(body.parameters)
         if body.stream:
             return await self.stream(
-                self.tgi_prompt(body, decoding),
+                engine,
+                self.tgi_prompt(engine, body, decoding),
                 decoding,
                 lambda write, prompt: TgiStream(write, body.parameters, prompt),
             )
-        prompt, result = await self.generate(request, self.tgi_prompt(body, decoding), decoding)
+        prompt, result = await self.generate(
+            request, engine, self.tgi_prompt(engine, body, decoding), decoding
+        )
         answer = generate_response(body.parameters, prompt, result)
         return [answer] if wrap else answer
 
     async def chat(self, request: Request, chat: ChatBody) -> Any:
         body = chat.to_generate()
-        decoding = self.engine.decoding(body.parameters, openai=True)
-        model = chat.model or self.model_id
+        engine = self.pick(chat.model, "model")
+        decoding = engine.decoding(body.parameters, openai=True)
+        model = engine.name
         if body.stream:
             return await self.stream(
-                self.tgi_prompt(body, decoding),
+                engine,
+                self.tgi_prompt(engine, body, decoding),
                 decoding,
                 lambda write, prompt: ChatStream(write, model, chat.include_usage),
             )
         answers = await self.answers(
-            request, [(self.tgi_prompt(body, decoding), _nth(decoding, i)) for i in range(chat.n)]
+            request,
+            engine,
+            [(self.tgi_prompt(engine, body, decoding), _nth(decoding, i)) for i in range(chat.n)],
         )
         return chat_response([result for _, result in answers], model, chat.logprobs)
 
     async def complete(self, request: Request, body: CompletionBody) -> Any:
         parameters = body.parameters(body.max_tokens or 16, details=True)  # 16: OpenAI's default
-        decoding = self.engine.decoding(parameters, openai=True)
-        model = body.model or self.model_id
+        engine = self.pick(body.model, "model")
+        decoding = engine.decoding(parameters, openai=True)
+        model = engine.name
 
         def raw(text: str) -> Callable[[], str]:
-            return lambda: self.engine.raw(text, decoding["max_new_tokens"])
+            return lambda: engine.raw(text, decoding["max_new_tokens"])
 
         if body.stream:
             if len(body.prompts) > 1 or body.n > 1:
                 raise RequestError(422, "streaming takes one prompt and n = 1")
             return await self.stream(
+                engine,
                 raw(body.prompts[0]),
                 decoding,
                 lambda write, prompt: ChatStream(write, model, body.include_usage, completion=True),
             )
         answers = await self.answers(
-            request, [(raw(text), _nth(decoding, i)) for text in body.prompts for i in range(body.n)]
+            request, engine, [(raw(text), _nth(decoding, i)) for text in body.prompts for i in range(body.n)]
         )
         results = [answers[k * body.n : (k + 1) * body.n] for k in range(len(body.prompts))]
         return completion_response(
@@ -301,9 +337,10 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(predictor: Predictor, settings: ServeSettings, source: str = "") -> Any:
-    """The FastAPI application over the routes below; its lifespan starts and stops the model's worker."""
-    service = Service(predictor, settings, source)
+def create_app(models: Mapping[str, Predictor], settings: ServeSettings) -> Any:
+    """The FastAPI application over the routes below for ``name -> predictor`` (the first the default); its
+    lifespan starts and stops the model's worker."""
+    service = Service(models, settings)
     app = FastAPI(title="sftbridge", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.worker = service, service.worker
     app.add_exception_handler(RequestError, _refused)  # type: ignore[arg-type]
@@ -357,17 +394,22 @@ async def info(request: Request) -> dict[str, Any]:
 
 @routes.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
+    """Every served model, as vLLM lists them: an adapter's ``parent`` is the base it runs on."""
     service = _service(request)
-    card = {
-        "id": service.model_id,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "sftbridge",
-        "root": service.model_id,
-        "parent": None,
-        "max_model_len": service.engine.max_total_tokens,
-    }
-    return {"object": "list", "data": [card]}
+    base = next((e.name for e in service.engines.values() if e.predictor.adapter == BASE), None)
+    cards = [
+        {
+            "id": engine.name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "sftbridge",
+            "root": engine.name,
+            "parent": base if engine.predictor.adapter not in (None, BASE) else None,
+            "max_model_len": engine.max_total_tokens,
+        }
+        for engine in service.engines.values()
+    ]
+    return {"object": "list", "data": cards}
 
 
 @routes.post("/")
@@ -461,6 +503,7 @@ def _info(service: Service) -> dict[str, Any]:
             "max_batch_size": settings.max_batch_size,
             "prompt_format": predictor.prompt_format.to_record().model_dump(),
             "generation": predictor.generation.model_dump(),
+            "models": list(service.engines),
         },
     }
 
@@ -491,11 +534,12 @@ def listen(settings: ServeSettings) -> socket.socket:
 
 
 class LocalServer:
-    """uvicorn serving the app on a socket bound at construction (port 0 picks a free one: see ``url``)."""
+    """uvicorn serving the app on a socket bound at construction (port 0 picks a free one: see ``url``):
+    one predictor served as ``source``, or ``name -> predictor`` (the first the default)."""
 
     def __init__(
         self,
-        predictor: Predictor,
+        models: Predictor | Mapping[str, Predictor],
         settings: ServeSettings,
         source: str = "",
         log_config: Any = None,
@@ -504,7 +548,9 @@ class LocalServer:
         import uvicorn
 
         self.settings = settings
-        self.app = create_app(predictor, settings, source)
+        if isinstance(models, Predictor):  # one model, served as ``source``
+            models = {source or "sftbridge": models}
+        self.app = create_app(models, settings)
         self.socket = listener or listen(settings)
         self.server_address = self.socket.getsockname()[:2]
         config = uvicorn.Config(

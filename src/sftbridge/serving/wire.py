@@ -6,16 +6,18 @@ vLLM checks them: known fields strictly, unknown fields accepted and ignored (an
 
 OpenAI parameters, as vLLM's server treats them:
 
-- honoured: ``messages`` (content as a string or a list of ``{"type": "text"}`` parts), ``prompt`` (a string
-  or a list of strings: one choice each), ``max_tokens``, ``max_completion_tokens``, ``temperature`` (0 =
+- honoured: ``model`` (picks the run or the base among those served; 404 for another, but for TGI
+  clients' placeholders ``tgi`` and ``dummy``), ``messages``
+  (content as a string or a list of ``{"type": "text"}`` parts), ``prompt`` (a string or a list of
+  strings: one choice each), ``max_tokens``, ``max_completion_tokens``, ``temperature`` (0 =
   greedy), ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``stop``, ``stream``,
   ``stream_options.include_usage``, ``n`` (n answers; sampled ones get seeds ``seed``, ``seed+1``, ...),
   ``logprobs`` (the chosen tokens' log-probabilities; ``top_logprobs`` alternatives come back empty),
   ``echo`` (completions), ``response_format`` ``{"type": "text"}``;
 - accepted and ignored: ``user``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
   ``response_format`` of type ``json_object``/``json_schema`` (no guided decoding here), ``top_logprobs``,
-  ``parallel_tool_calls``, ``store``, ``metadata``, ``service_tier``, ``model`` (echoed back: one model is
-  served), and any other field (vLLM ignores unknown fields with a warning; so does this server).
+  ``parallel_tool_calls``, ``store``, ``metadata``, ``service_tier``, and any other field (vLLM ignores
+  unknown fields with a warning; so does this server).
 
 Responses and streams are shaped as TGI and OpenAI shape theirs, so that their clients parse them.
 """
@@ -45,7 +47,6 @@ UNSUPPORTED = {
     "truncate": None,
     "frequency_penalty": None,
     "grammar": None,
-    "adapter_id": None,
 }
 
 
@@ -101,7 +102,7 @@ class Parameters(_Body):
     truncate: int | None = None
     frequency_penalty: float | None = None
     grammar: Any = None
-    adapter_id: str | None = None
+    adapter_id: str | None = None  # TGI's multi-LoRA parameter: the served model (run or base) to answer
 
     @field_validator("stop")
     @classmethod
