@@ -58,9 +58,18 @@ class Predictor:
     (or :meth:`from_run`)."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, prompt_format: PromptFormat, generation: GenerationSection
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_format: PromptFormat,
+        generation: GenerationSection,
+        *,
+        in_training: bool = False,
     ):
+        """``in_training``: the model is being trained meanwhile (answer metrics): generate under ``no_grad``,
+        not ``inference_mode``, whose tensors FSDP would keep gathered into the next backward pass."""
         self.model = model
+        self.in_training = in_training
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.generation = generation
@@ -116,7 +125,7 @@ class Predictor:
         batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         kwargs = self._decoding(settings)
-        with torch.inference_mode():
+        with torch.no_grad() if self.in_training else torch.inference_mode():
             output = self.model.generate(**batch, **kwargs)
         width = batch["input_ids"].shape[1]
         generations = []
