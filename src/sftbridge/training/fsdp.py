@@ -109,11 +109,23 @@ def training_arguments(config: RunConfig, layers: list[str]) -> dict[str, Any]:
 
 
 def full_state_dict(trainer: Any) -> dict[str, Any] | None:
-    """Under FSDP, the model's whole weights gathered to rank 0 (a collective: every rank calls it; the
-    others get {}); None without FSDP, where rank 0 reads its own full copy."""
+    """Under FSDP, the trained weights (the adapters) gathered whole: a collective, every rank calls it, and
+    rank 0 keeps them. None without FSDP, where rank 0 reads its own full copy.
+
+    Only the trainable weights: accelerate's ``get_state_dict`` would gather the whole base to rank 0's RAM
+    too (138 GB for a 16-bit 70B), for a PEFT save that keeps the adapters alone.
+    """
+    from torch.distributed.tensor import DTensor
+
     if not trainer.is_fsdp_enabled:
         return None
-    state: dict[str, Any] = trainer.accelerator.get_state_dict(trainer.model)
+    rank0 = trainer.args.process_index == 0
+    state: dict[str, Any] = {}
+    for name, param in trainer.model.named_parameters():  # the same order on every rank
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            if rank0:
+                state[name] = whole.detach().cpu()
     return state
 
 
