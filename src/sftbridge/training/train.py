@@ -261,7 +261,7 @@ class FittedRun:
     """What ``fit`` trained and measured."""
 
     trainer: Any  # SafeSFTTrainer
-    adapter_state: dict[str, Any] | None  # under FSDP: the gathered weights rank 0 saves (None: the model's)
+    adapter_state: dict[str, Any] | None  # under FSDP: the adapters gathered whole, what rank 0 saves
     result: Any  # what trainer.train() returned
     final_eval: dict[str, float]
     answers: Any | None  # the AnswerMetrics callback, if the run measured answers
