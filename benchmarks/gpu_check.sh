@@ -4,7 +4,11 @@
 #   2. the built-in tiny model end to end through the CLI on CUDA in 4-bit: train, eval, merge, generate;
 #   3. benchmarks/harness.py on a random-init model with Llama-2-7B's shapes (built once, reused):
 #      QLoRA at 1024 tokens and LoRA at 2048, plain padded TRL + PEFT vs ours vs each speed option,
-#      with `sftbridge plan`'s predicted peak beside each measured one.
+#      with `sftbridge plan`'s predicted peak beside each measured one;
+#   4. with 2 or more GPUs (before 3): train.fsdp (accelerate's own FSDP2 path on CUDA, QLoRA with bf16
+#      storage) on the built-in model end to end, and 4 steps of the 7B shapes with each GPU's peak memory
+#      (nvidia-smi) beside `sftbridge plan`'s per-GPU prediction; with one GPU it is recorded as skipped
+#      (on the CPU, tests/test_fsdp.py runs FSDP2 with gloo).
 # Attention is sdpa throughout: flash-attn's wheel is far too large to travel to the device machine.
 #
 #   make gpu-wheels                                   # here: the missing packages as wheels, in .whl/
@@ -12,7 +16,8 @@
 #   bash benchmarks/gpu_check.sh --smoke --results D   # the same steps on the CPU, tiny model, ~2-3 min
 #
 # Writes <results>/harness-7b-qlora-1024-gpu.{md,json}, harness-7b-lora-2048-gpu.{md,json} and
-# e2e-qlora-gpu.{md,json} (with --smoke: *-smoke.*), a log beside them, and copies all of it to --out.
+# e2e-qlora-gpu.{md,json} (with --smoke: *-smoke.*), fsdp-gpu.md with 2+ GPUs, a log beside them, and copies
+# all of it to --out.
 # A step that fails is recorded and the next one runs; the harness skips variants that would overrun
 # the time budget (--budget, seconds for the whole script) and says so in its table.
 set -uo pipefail
@@ -195,6 +200,57 @@ build_random_model('$MODEL', Path('$WORK/models') / '${MODEL#random:}'.replace('
 "
     record "build 7B" $?
 fi
+GPUS=$([ "$SMOKE" = 0 ] && "$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$SMOKE" = 0 ] && [ "$GPUS" -ge 2 ]; then
+    step "FSDP on 2 GPUs: the built-in model end to end, then the 7B shapes against plan"
+    FSDP_DIR="$WORK/fsdp"
+    mkdir -p "$FSDP_DIR"
+    FSDP=(backend.num_processes=2 train.fsdp=true model.load_in_4bit=true train.device=cuda)
+    "${CLI[@]}" train configs/tiny-cpu.yaml --run-dir "$FSDP_DIR/tiny" "${FSDP[@]}" train.max_steps=20 \
+        train.save_steps=10 train.logging_steps=5
+    record "fsdp train (tiny)" $?
+    "${CLI[@]}" generate "$FSDP_DIR/tiny" --device cuda "$QUESTION"
+    record "fsdp generate (tiny)" $?
+    SEVEN_NAME=${MODEL#random:}
+    SEVEN_B="$WORK/models/${SEVEN_NAME//\//--}"  # where the build step above put it
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 > "$FSDP_DIR/smi.csv" &
+    SMI=$!
+    "${CLI[@]}" train configs/llama2-7b-chat-qlora.yaml --run-dir "$FSDP_DIR/7b" "${FSDP[@]}" \
+        "model.name_or_path=$SEVEN_B" train.max_steps=4 train.answer_metrics=false train.save_steps=1000
+    record "fsdp train (7B shapes, 4-bit)" $?
+    kill "$SMI"
+    GPU_KEY=$("$PY" -c "
+import torch
+from sftbridge.planning.hardware import GPUS
+name = torch.cuda.get_device_name(0)
+print(next((key for key, gpu in GPUS.items() if gpu.name == name), 'h100'))")
+    "${CLI[@]}" plan configs/llama2-7b-chat-qlora.yaml "model.name_or_path=$SEVEN_B" "${FSDP[@]}" \
+        --gpu "$GPU_KEY" --json > "$FSDP_DIR/plan.json"
+    record "fsdp plan" $?
+    "$PY" - "$FSDP_DIR" "$RESULTS/fsdp-$SUFFIX.md" <<'EOF'
+import json, sys
+from pathlib import Path
+d, out = Path(sys.argv[1]), Path(sys.argv[2])
+peaks = {}
+for line in (d / "smi.csv").read_text().splitlines():
+    index, used = (int(x) for x in line.split(","))
+    peaks[index] = max(peaks.get(index, 0), used)
+text = (d / "plan.json").read_text()
+f = (json.loads(text).get("fsdp_memory_bytes") if text.strip() else None) or {}
+lines = [
+    "# FSDP on 2 GPUs: the 7B-shaped random model in 4-bit (bf16 storage), 4 steps",
+    "",
+    f"- measured peak per GPU (nvidia-smi, MiB, the whole process with its CUDA context): {peaks}",
+    f"- plan per GPU: training {f.get('peak_total', 0) / 2**20:.0f} MiB, loading {f.get('load_peak', 0) / 2**20:.0f} MiB",
+    "",
+]
+out.write_text("\n".join(lines))
+print("\n".join(lines))
+EOF
+elif [ "$SMOKE" = 0 ]; then
+    record "fsdp (needs 2 GPUs, found $GPUS): skipped" 0
+fi
+
 harness qlora "$QLORA_TAG" "${VARIANTS[@]}" -- "${QLORA[@]}"
 harness lora "$LORA_TAG" "${LORA_VARIANTS[@]}" -- "${LORA[@]}"
 

@@ -186,11 +186,14 @@ def test_a_second_ctrl_c_stops_at_once_without_an_orphan(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(tmp_path: Path) -> None:
-    """Two DDP workers (gloo, CPU) under torchrun, Ctrl-C to the whole group as a terminal sends it: both
-    ranks stop at the same step and save one checkpoint, no traceback, no worker left; the printed command
-    resumes to the end."""
-    process = start(tmp_path, "backend.num_processes=2")
+@pytest.mark.parametrize("sharding", [[], ["train.fsdp=true"]], ids=["ddp", "fsdp"])
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(
+    tmp_path: Path, sharding: list[str]
+) -> None:
+    """Two DDP (or FSDP) workers (gloo, CPU) under torchrun, Ctrl-C to the whole group as a terminal sends
+    it: both ranks stop at the same step and save one checkpoint, no traceback, no worker left; the printed
+    command resumes to the end."""
+    process = start(tmp_path, "backend.num_processes=2", *sharding)
     launcher, _ = until_training(process)
     workers = children(launcher)
     assert len(workers) == 2

@@ -75,7 +75,6 @@ def test_the_seeds_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     err = capsys.readouterr().err
     for name in (
         "int8_quantization",
-        "enable_fsdp",
         "add_input_output_demarcation_key",
         "max_train_samples",
         "max_val_samples",
@@ -83,7 +82,8 @@ def test_the_seeds_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     ):
         assert f"not converted: {name}=" in err
         assert f"#   {name}=" in text
-    assert "enable_fsdp=True: sftbridge has no FSDP" in err
+    assert config.train.fsdp is True  # JumpStart shards with FSDP by default
+    assert "not converted: enable_fsdp" not in err
 
 
 @pytest.mark.parametrize(

@@ -201,6 +201,77 @@ def test_multi_gpu_or_several_instances_use_torchrun() -> None:
     )
 
 
+def test_fsdp_across_two_multi_gpu_instances_is_one_torchrun_job(aws: None) -> None:
+    """train.fsdp on 2 x ml.g5.12xlarge: one job of 2 instances whose image runs the unchanged script under
+    torchrun (the toolkit's TorchDistributedRunner supplies --nnodes 2 --nproc_per_node 4 --node_rank)."""
+    recorder = Recorder()
+    submit(recorder, "train.fsdp=true", "backend.instance_type=ml.g5.12xlarge", "backend.instance_count=2")
+    sent = recorder.only("CreateTrainingJob")
+    assert sent["ResourceConfig"] == {
+        "InstanceType": "ml.g5.12xlarge",
+        "InstanceCount": 2,
+        "VolumeSizeInGB": 100,
+    }
+    hyperparameters = sent["HyperParameters"]
+    assert hyperparameters["sagemaker_torch_distributed_enabled"] == "true"
+    assert hyperparameters["sagemaker_instance_type"] == "ml.g5.12xlarge"
+    job_args = toolkit_args({k: v for k, v in hyperparameters.items() if "sagemaker_" not in k})
+    assert rebuilt(job_args).train.fsdp is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["backend.instance_count=1"],
+            r"^train\.fsdp: 1 x ml\.g5\.2xlarge has 1 GPU, nothing to shard across",
+        ),
+        (
+            ["backend.instance_type=ml.g5.12xlarge", "backend.distribution=none"],
+            r"^train\.fsdp with backend\.distribution=none starts one process",
+        ),
+    ],
+    ids=["one-gpu", "no-torchrun"],
+)
+def test_fsdp_that_cannot_shard_is_refused_before_any_upload(
+    aws: None, overrides: list[str], message: str
+) -> None:
+    recorder = Recorder()
+    with pytest.raises(UserError, match=message):
+        submit(recorder, "train.fsdp=true", *overrides)
+    assert not {"PutObject", "CreateTrainingJob"} & set(recorder.names())
+
+
+TORCHRUN_ON_THE_SECOND_NODE = """
+import json, sys
+from sagemaker_training.torch_distributed import TorchDistributedRunner
+
+runner = TorchDistributedRunner(
+    "train.py", sys.argv[1:], {}, 4, "algo-1", ["algo-1", "algo-2"], "algo-2", "eth0", "ml.g5.12xlarge"
+)
+print(json.dumps(runner._create_command()))
+"""
+
+
+def test_the_toolkit_starts_every_node_under_torchrun_with_its_rank(tmp_path: Path) -> None:
+    """What the image's toolkit (sagemaker-training, TorchDistributedRunner) runs on the second of two
+    4-GPU instances: torchrun with the node count, GPUs per node, master and this node's rank; the entry
+    script's arguments pass unchanged. (The toolkit reads SAGEMAKER_BASE_DIR at import: a subprocess.)"""
+    result = subprocess.run(
+        [sys.executable, "-c", TORCHRUN_ON_THE_SECOND_NODE, "--train.fsdp", "true"],
+        env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    command = json.loads(result.stdout.splitlines()[-1])
+    assert command == [
+        "torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--master_addr", "algo-1", "--master_port",
+        "7777", "--node_rank", "1", "train.py", "--train.fsdp", "true",
+    ]  # fmt: skip
+
+
 # -- submit --------------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -174,6 +175,16 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    # Off by default: DDP (a full copy per GPU) is faster while the model fits one GPU (README "Scaling out").
+    fsdp: bool = Field(
+        False,
+        description="Shard weights, gradients and optimizer state across processes (FSDP2): for a model that "
+        "does not fit one GPU. Needs >1 process (backend.num_processes, or a multi-GPU SageMaker instance).",
+    )
+    fsdp_offload: bool = Field(
+        False,
+        description="With train.fsdp: keep the shards in CPU RAM between uses (slower, less GPU memory)",
+    )
     # Speed options, each measured on/off by benchmarks/harness.py; on by default only where it won.
     packing: bool = Field(False, description="Pack examples into max_length rows (TRL best-fit decreasing).")
     padding_free: bool = Field(False, description="Flatten a batch into one row; needs flash attention.")
@@ -247,6 +258,13 @@ class TrainSection(_Section):
     early_stopping_threshold: float = Field(
         0.0, ge=0.0, description="The least change of metric_for_best_model that counts as an improvement."
     )
+
+    @field_validator("fsdp_offload")
+    @classmethod
+    def _offload_needs_fsdp(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("fsdp"):
+            raise ValueError("it offloads FSDP's shards: set train.fsdp=true too, or drop it")
+        return value
 
     @model_validator(mode="after")
     def _keep_best(self) -> TrainSection:

@@ -63,9 +63,9 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
         "enable_fsdp",
         "bool",
         "True",
-        None,
-        "sftbridge has no FSDP; several GPUs train data-parallel under torchrun (backend.num_processes, or "
-        "a multi-GPU SageMaker instance), and a 7B base fits one 24 GB GPU with model.load_in_4bit=true",
+        "train.fsdp",
+        "FSDP2 shards across the GPUs of the job (backend.num_processes, or a multi-GPU SageMaker instance); "
+        "with one GPU set train.fsdp=false (a 7B base fits one 24 GB GPU with model.load_in_4bit=true)",
     ),
     Hyperparameter("epoch", "int", "5", "train.epochs", "", 1, 1000),
     Hyperparameter("learning_rate", "float", "0.0001", "train.learning_rate", "", 1e-08, 1),

@@ -62,6 +62,7 @@ def render(plan: Plan, config: RunConfig) -> str:
         f"  {'CUDA context' if plan.target.kind != 'cpu' else 'Python + libraries'}{_gb(m.runtime)}",
         f"  peak {'reserved (torch)' if plan.target.kind != 'cpu' else 'allocated'}{_gb(m.peak_reserved)}",
         f"  peak total{_gb(m.peak_total)}",
+        *_sharded_lines(plan),
         f"tokens    {t.tokens_per_step:,.0f} per optimizer step ({t.trained_tokens_per_step:,.0f} non-pad, "
         f"{t.non_pad_share:.0%}); {t.steps_per_epoch} steps per epoch",
         f"compute   {t.flops_per_token / 1e9:.3g} GFLOP per token (4N) + "
@@ -85,7 +86,16 @@ def render(plan: Plan, config: RunConfig) -> str:
     elif plan.target.instance_type:
         lines.append(f"cost      no price for {plan.target.instance_type} in the table of {PRICE_TABLE_DATE}")
     if plan.fits is not None:
-        lines.append(f"fits      {'yes' if plan.fits else 'NO'}")
+        per_gpu = " (per GPU, under FSDP)" if plan.sharded else ""
+        lines.append(f"fits      {'yes' if plan.fits else 'NO'}{per_gpu}")
+    if plan.sharded is not None:
+        cheapest = [
+            f"{f.instance_type}{f' x {f.instances}' if f.instances > 1 else ''} ({f.gpus} x {f.gpu}, "
+            f"{f.peak_per_gpu / GB:.1f} GB per GPU, "
+            + (f"${f.usd_per_hour}/h)" if f.usd_per_hour is not None else "no price in the table)")
+            for f in plan.fitting_instances[:4]
+        ]
+        lines.append(f"fits on   {'; '.join(cheapest) or 'no SageMaker instance in the table'}")
     if plan.learning is not None:
         lines.append(
             f"steps     {plan.learning.optimizer_steps} optimizer steps; summed learning rate "
@@ -96,6 +106,30 @@ def render(plan: Plan, config: RunConfig) -> str:
     if plan.learning is not None and plan.learning.warning:
         lines.append(f"WARNING: {plan.learning.warning}")
     return "\n".join(lines)
+
+
+def _sharded_lines(plan: Plan) -> list[str]:
+    """Per GPU under FSDP; the memory lines above are then one whole, unsharded copy."""
+    f = plan.sharded
+    if f is None:
+        return []
+    where = " (in host RAM: train.fsdp_offload)" if f.offload else ""
+    lines = [
+        f"per GPU under FSDP, {f.gpus} GPUs (the lines above: one unsharded copy)",
+        f"  base weights, 1/{f.gpus} shard{where}{_gb(f.sharded_weights)}",
+        f"  LoRA weights + grads + moments, 1/{f.gpus} shard{where}{_gb(f.sharded_lora_state)}",
+        f"  gathered while computing: 2 decoder layers + final norm and lm_head{_gb(f.gathered)}",
+        f"  activations + LM head of this GPU's micro-batch{_gb(f.activations + f.lm_head)}",
+        f"  CUDA context{_gb(f.runtime)}",
+        f"  peak total, training{_gb(f.peak_total)}",
+    ]
+    if f.quant_constants:
+        lines.insert(2, f"  4-bit quantization constants, whole on every GPU{_gb(f.quant_constants)}")
+    if f.load_peak:
+        lines.append(
+            f"  peak total, loading (the whole 4-bit base on each GPU before sharding){_gb(f.load_peak)}"
+        )
+    return lines
 
 
 def _gb(value: float) -> str:

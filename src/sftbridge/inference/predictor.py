@@ -68,9 +68,13 @@ class Predictor:
         generation: GenerationSection,
         *,
         adapter: str | None = None,
+        in_training: bool = False,
     ):
+        """``in_training``: the model is being trained meanwhile (answer metrics): generate under ``no_grad``,
+        not ``inference_mode``, whose tensors FSDP would keep gathered into the next backward pass."""
         self.model = model
         self.adapter = adapter
+        self.in_training = in_training
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.generation = generation
@@ -137,7 +141,8 @@ class Predictor:
         batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         kwargs = self._decoding(settings)
-        with torch.inference_mode(), self._selected():
+        grad_mode = torch.no_grad() if self.in_training else torch.inference_mode()
+        with grad_mode, self._selected():
             output = self.model.generate(**batch, **kwargs)
         width = batch["input_ids"].shape[1]
         generations = []

@@ -181,8 +181,11 @@ def torch_dtype(cfg: ModelSection, precision: Precision) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def load_model(cfg: ModelSection, device: Device, precision: Precision) -> Any:
-    """The frozen base model; with ``load_in_4bit`` quantized to nf4 with double quantization (QLoRA)."""
+def load_model(
+    cfg: ModelSection, device: Device, precision: Precision, *, quant_storage: str | None = None
+) -> Any:
+    """The frozen base model; with ``load_in_4bit`` quantized to nf4 with double quantization (QLoRA), the
+    4-bit weights packed into ``quant_storage`` (a torch dtype name; default uint8)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(cfg, precision)
@@ -194,7 +197,7 @@ def load_model(cfg: ModelSection, device: Device, precision: Precision) -> Any:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(dtype)
+        kwargs["quantization_config"] = bnb_config(dtype, quant_storage)
         # Quantized weights cannot be moved after loading: place them on this process's device now.
         kwargs["device_map"] = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     try:
@@ -225,7 +228,7 @@ def load_run_base(
     return base
 
 
-def bnb_config(compute_dtype: Any) -> Any:
+def bnb_config(compute_dtype: Any, quant_storage: str | None = None) -> Any:
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -237,6 +240,8 @@ def bnb_config(compute_dtype: Any) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP shards only floating-point storage (training/fsdp.py); the default uint8 packs the same bits
+        bnb_4bit_quant_storage=quant_storage or "uint8",
     )
 
 

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sftbridge.errors import ConfigError, UserError
+from sftbridge.planning.fsdp import ShardedMemory, sharded_memory, worst
 from sftbridge.planning.hardware import GPU_ALIASES, GPUS, INSTANCES, PRICE_TABLE_DATE, PRICE_TABLE_NOTE, Gpu
 from sftbridge.planning.model_shapes import Shapes, model_shapes
 
@@ -467,6 +468,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     learning: Learning | None = None
+    sharded: ShardedMemory | None = None  # per GPU under train.fsdp; `memory` is then one unsharded copy
+    fitting_instances: list[InstanceFit] = field(default_factory=list)  # under train.fsdp, cheapest first
 
     def to_dict(self) -> dict[str, Any]:
         shapes = asdict(self.shapes)
@@ -491,6 +494,8 @@ class Plan:
             "warnings": self.warnings,
             "notes": self.notes,
             "learning": asdict(self.learning) if self.learning else None,
+            "fsdp_memory_bytes": asdict(self.sharded) if self.sharded else None,
+            "fitting_instances": [asdict(fit) for fit in self.fitting_instances],
         }
 
 
@@ -510,6 +515,8 @@ def make_plan(
     target = resolve_target(config, gpu, instance_type)
     plan = _evaluate(config, shapes, lengths, target)
     plan.notes = notes + plan.notes
+    if config.train.fsdp and target.kind != "cpu":
+        plan.fitting_instances = instances_that_fit(config, shapes, plan.memory)
     if plan.fits is False:
         plan.warnings.append(_advice(config, shapes, lengths, target, plan))
     plan.learning = learning(config, plan.throughput.steps_per_epoch)
@@ -586,9 +593,17 @@ def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machi
     speed = throughput(config, shapes, batch, target)
     fits = None
     notes = []
+    sharded = None
+    if config.train.fsdp and target.kind != "cpu":
+        # --gpu NAME: the local run's processes, one GPU each
+        gpus = target.world if target.instance_type else max(target.world, config.backend.num_processes)
+        per_node = target.gpus_per_instance if target.instance_type else gpus
+        sharded = sharded_memory(config, shapes, mem, gpus, per_node)
+        notes += _fsdp_notes(sharded, mem)
+    peak = worst(sharded) if sharded else mem.peak_total
     if target.gpu is not None:
-        fits = mem.peak_total <= target.gpu.memory_bytes
-        if fits and mem.peak_total > 0.9 * target.gpu.memory_bytes:
+        fits = peak <= target.gpu.memory_bytes
+        if fits and peak > 0.9 * target.gpu.memory_bytes:
             notes.append("predicted peak within 10% of the card's memory: fragmentation may tip it over")
     if flattened_dense(config):
         notes.append(
@@ -616,7 +631,52 @@ def _evaluate(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machi
         precision=precision,
         warnings=warnings,
         notes=notes,
+        sharded=sharded,
     )
+
+
+def _fsdp_notes(sharded: ShardedMemory, unsharded: Memory) -> list[str]:
+    notes = []
+    if sharded.load_peak:
+        notes.append(
+            f"FSDP with a 4-bit base: each GPU quantizes the whole base while it loads, before sharding "
+            f"({sharded.load_peak / GB:.1f} GB with the CUDA context): the fit counts this load peak"
+        )
+    if sharded.host_bytes:
+        what = "the offloaded shards" if sharded.offload else "every rank's copy of the base while it loads"
+        notes.append(f"host RAM per node: {sharded.host_bytes / GB:.1f} GB ({what})")
+    moved = 2 * (unsharded.weights - sharded.quant_constants) * (sharded.gpus - 1) / sharded.gpus
+    notes.append(
+        f"FSDP all-gathers the base twice per micro-batch (forward and backward): {moved / GB:.1f} GB per "
+        "GPU per micro-batch over the GPUs' interconnect, not counted in the time (slow on PCIe: g5, g6)"
+    )
+    return notes
+
+
+@dataclass
+class InstanceFit:
+    instance_type: str
+    instances: int
+    gpus: int
+    gpu: str
+    peak_per_gpu: float  # bytes, training or loading, whichever is more
+    usd_per_hour: float | None  # all instances together
+
+
+def instances_that_fit(config: RunConfig, shapes: Shapes, unsharded: Memory) -> list[InstanceFit]:
+    """The SageMaker instances (x backend.instance_count) on whose GPUs this FSDP run fits, cheapest first
+    (unpriced ones last). Only bf16 GPUs: QLoRA under FSDP stores its weights in bf16."""
+    count = config.backend.instance_count if config.backend.name == "sagemaker" else 1
+    fits = []
+    for name, (key, gpus, price) in INSTANCES.items():
+        gpu = GPUS[key]
+        if not gpu.bf16 or gpus * count < 2:
+            continue
+        peak = worst(sharded_memory(config, shapes, unsharded, gpus * count, gpus))
+        if peak <= gpu.memory_bytes:
+            total = None if price is None else round(price * count, 3)
+            fits.append(InstanceFit(name, count, gpus * count, gpu.name, peak, total))
+    return sorted(fits, key=lambda f: (f.usd_per_hour is None, f.usd_per_hour or 0.0, f.instance_type))
 
 
 def _precision(config: RunConfig, target: Machine) -> tuple[str, list[str]]:
@@ -653,6 +713,8 @@ def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine
                 {"train.per_device_batch_size": 1, "train.gradient_accumulation_steps": ga},
             )
         )
+    if train.fsdp and not train.fsdp_offload:
+        options.append(("train.fsdp_offload=true", {"train.fsdp_offload": True}))
     if config.data.max_length > 256:
         half = config.data.max_length // 2
         options.append((f"data.max_length={half}", {"data.max_length": half}))
@@ -660,12 +722,17 @@ def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine
     for label, changes in options:
         changed = _with(config, changes)
         short = replace(lengths, tokens=[min(n, changed.data.max_length) for n in lengths.tokens])
-        peak = _evaluate(changed, shapes, short, target).memory.peak_total
+        peak = _peak(_evaluate(changed, shapes, short, target))
         tried.append(f"{label} -> {peak / GB:.1f} GB{' (fits)' if peak <= limit else ''}")
     return (
-        f"the run will not fit: predicted peak {plan.memory.peak_total / GB:.1f} GB > "
+        f"the run will not fit: predicted peak {_peak(plan) / GB:.1f} GB > "
         f"{limit / GB:.1f} GB of the {target.gpu.name}. Change: " + "; ".join(tried)
     )
+
+
+def _peak(plan: Plan) -> float:
+    """What the GPU must hold: per GPU under FSDP (training or loading), else the one copy's peak."""
+    return worst(plan.sharded) if plan.sharded else plan.memory.peak_total
 
 
 def _with(config: RunConfig, changes: dict[str, Any]) -> RunConfig:

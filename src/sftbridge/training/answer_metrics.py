@@ -99,7 +99,9 @@ class AnswerMetrics(TrainerCallback):
         self.batch_size = config.train.per_device_eval_batch_size
         tokenizer = trainer.processing_class
         with _padding_kept(tokenizer):  # the Predictor pads on the left; training's tokenizer stays as it was
-            self.predictor = Predictor(trainer.model, tokenizer, prompt_format, config.generation)
+            self.predictor = Predictor(
+                trainer.model, tokenizer, prompt_format, config.generation, in_training=True
+            )
         self.cases = []
         for record in sample.records:
             *history, answer = to_example(record, prompt_format).messages or []
@@ -164,9 +166,14 @@ class AnswerMetrics(TrainerCallback):
         control.should_log = should_log
 
     def _measure(self, *, base: bool) -> dict[str, float]:
-        """Greedy answers of the adapter (or the base), scored; computed on rank 0, shared with every rank."""
+        """Greedy answers of the adapter (or the base), scored; computed on rank 0, shared with every rank.
+        Under FSDP every rank generates the same answers: each forward pass gathers the layers' shards from
+        all ranks, so a rank generating alone would wait forever for the others."""
         started = time.perf_counter()
-        figures = _on_rank_zero(lambda: self._score(base))
+        if self.trainer.is_fsdp_enabled:
+            figures = self._score(base)
+        else:
+            figures = _on_rank_zero(lambda: self._score(base))
         self.seconds += time.perf_counter() - started
         return figures
 

@@ -156,10 +156,19 @@ def _as_dataset(examples: list[Any]) -> Any:
 
 
 def sft_config(
-    config: RunConfig, *, output_dir: str | Path, device: Device, precision: Precision, do_eval: bool
+    config: RunConfig,
+    *,
+    output_dir: str | Path,
+    device: Device,
+    precision: Precision,
+    do_eval: bool,
+    fsdp_layers: list[str] | None = None,
 ) -> SFTConfig:
-    """The ``train`` section as TRL's SFTConfig; checkpoints go to ``output_dir``."""
+    """The ``train`` section as TRL's SFTConfig; checkpoints go to ``output_dir``; under ``train.fsdp`` one
+    FSDP unit per class of ``fsdp_layers`` (``fsdp.decoder_layers``)."""
     from trl import SFTConfig
+
+    from sftbridge.training import fsdp
 
     return SFTConfig(
         output_dir=str(output_dir),
@@ -174,7 +183,8 @@ def sft_config(
         weight_decay=config.train.weight_decay,
         max_grad_norm=config.train.max_grad_norm,
         optim=config.train.optim,
-        activation_checkpointing=config.train.gradient_checkpointing,  # transformers 5's name
+        # transformers 5's name; under FSDP, FSDP's own (fsdp.training_arguments) replaces it
+        activation_checkpointing=config.train.gradient_checkpointing and not config.train.fsdp,
         logging_steps=config.train.logging_steps,
         logging_first_step=True,
         eval_strategy=config.train.eval_strategy if do_eval else "no",
@@ -206,6 +216,7 @@ def sft_config(
         load_best_model_at_end=config.train.load_best_model_at_end and do_eval,
         metric_for_best_model=config.train.metric_for_best_model if do_eval else None,
         greater_is_better=config.train.metric_for_best_model != "eval_loss",
+        **fsdp.training_arguments(config, fsdp_layers or []),
     )
 
 
@@ -250,6 +261,7 @@ class FittedRun:
     """What ``fit`` trained and measured."""
 
     trainer: Any  # SafeSFTTrainer
+    adapter_state: dict[str, Any] | None  # under FSDP: the adapters gathered whole, what rank 0 saves
     result: Any  # what trainer.train() returned
     final_eval: dict[str, float]
     answers: Any | None  # the AnswerMetrics callback, if the run measured answers
@@ -267,7 +279,7 @@ def prepare(config: RunConfig, run_dir: Path) -> PreparedRun:
     from sftbridge.aws.secrets import export_hf_token, export_secret_environment
     from sftbridge.data.loading import load_data
     from sftbridge.models.loading import check_attention, load_tokenizer, resolve_device, resolve_precision
-    from sftbridge.training import tracking
+    from sftbridge.training import fsdp, tracking
     from sftbridge.training.answer_metrics import sample_questions
     from sftbridge.training.trainer import clean_partial_checkpoints
 
@@ -285,7 +297,8 @@ def prepare(config: RunConfig, run_dir: Path) -> PreparedRun:
     device = resolve_device(config.train)
     check_attention(config.model, device)
     precision = resolve_precision(config.train, device)
-    log.info("device %s, %s", device, precision)
+    fsdp.check(config, world_size=environment.world_size(), device=device, precision=precision)
+    log.info("device %s, %s%s", device, precision, ", FSDP" if config.train.fsdp else "")
 
     writer = RunWriter(run_dir, create=rank == 0)
     checkpoints = (
@@ -327,20 +340,27 @@ def fit(run: PreparedRun) -> FittedRun:
     from transformers import PrinterCallback
 
     from sftbridge.models.loading import load_model, lora_config
-    from sftbridge.training import tracking
+    from sftbridge.training import fsdp, tracking
     from sftbridge.training.answer_metrics import AnswerMetrics, keep_best_callbacks
     from sftbridge.training.progress import Progress
     from sftbridge.training.trainer import SafeSFTTrainer, StopOnSignal
 
     config, data, rank = run.config, run.data, run.rank
-    model = load_model(config.model, run.device, run.precision)
+    model = load_model(
+        fsdp.loading(config), run.device, run.precision, quant_storage=fsdp.quant_storage(config)
+    )
     load_seconds = time.time() - run.started
     do_eval = data.eval is not None
     stopper = StopOnSignal()
     trainer = SafeSFTTrainer(
         model=model,
         args=sft_config(
-            config, output_dir=run.checkpoints, device=run.device, precision=run.precision, do_eval=do_eval
+            config,
+            output_dir=run.checkpoints,
+            device=run.device,
+            precision=run.precision,
+            do_eval=do_eval,
+            fsdp_layers=fsdp.decoder_layers(model) if config.train.fsdp else None,
         ),
         train_dataset=data.train,
         eval_dataset=data.eval,
@@ -375,9 +395,11 @@ def fit(run: PreparedRun) -> FittedRun:
         raise Interrupted(stopper.signum, latest_checkpoint(run.checkpoints))
     final_eval = trainer.evaluate() if do_eval else {}
     tracking.finish(config, rank=rank)
+    adapter_state = fsdp.full_state_dict(trainer)  # every rank takes part; rank 0 receives it
     trainer.accelerator.wait_for_everyone()
     return FittedRun(
         trainer=trainer,
+        adapter_state=adapter_state,
         result=result,
         final_eval=final_eval,
         answers=answers,
@@ -396,7 +418,7 @@ def publish(run: PreparedRun, fitted: FittedRun) -> Path:
     resume_from, started, load_seconds = run.resume_from, run.started, fitted.load_seconds
     learning = learning_verdict(fitted.answers, trainer, config)
 
-    save_outputs(writer, trainer, run.tokenizer, config)
+    save_outputs(writer, trainer, run.tokenizer, config, state_dict=fitted.adapter_state)
     manifest = build_manifest(
         description,
         learning=learning,
@@ -417,12 +439,20 @@ def publish(run: PreparedRun, fitted: FittedRun) -> Path:
     return finished
 
 
-def save_outputs(writer: RunWriter, trainer: Any, tokenizer: Any, config: RunConfig) -> None:
-    """Write the adapter (with the tokenizer), metrics.jsonl and the resolved config into the run folder."""
+def save_outputs(
+    writer: RunWriter,
+    trainer: Any,
+    tokenizer: Any,
+    config: RunConfig,
+    *,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """Write the adapter (with the tokenizer), metrics.jsonl and the resolved config into the run folder;
+    ``state_dict``: the model's full weights where they are sharded (FSDP), else read from the model."""
     from sftbridge.training.tracking import TENSORBOARD
 
     adapter_dir = writer.staging / ADAPTER
-    trainer.model.save_pretrained(adapter_dir)
+    trainer.model.save_pretrained(adapter_dir, state_dict=state_dict)
     tokenizer.save_pretrained(adapter_dir)
     # Written as training logged, beside the checkpoints: complete across resumes (see MetricsLog.restart_at).
     shutil.copyfile(Path(trainer.args.output_dir) / METRICS, writer.staging / METRICS)

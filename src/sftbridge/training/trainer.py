@@ -162,6 +162,13 @@ class SafeSFTTrainer(SFTTrainer):
         self.add_callback(MarkCompleteCheckpoints())
         self.add_callback(StopOnDivergence())
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            from sftbridge.training.fsdp import shard_on_cpu
+
+            self.is_fsdp_enabled = shard_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:

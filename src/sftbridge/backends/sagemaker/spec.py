@@ -128,6 +128,19 @@ def check_backend(config: RunConfig, region: str | None, instance_types: set[str
             f"backend.instance_type: {backend.instance_type!r} is not a SageMaker training instance type; "
             f"pick one SageMaker trains on{hint}"
         )
+    if config.train.fsdp:  # the job would start, load the base and only then refuse (training/fsdp.py)
+        gpus = gpu_count(backend.instance_type) * backend.instance_count
+        if gpus < 2:
+            raise ConfigError(
+                f"train.fsdp: {backend.instance_count} x {backend.instance_type} has {gpus} GPU, nothing to "
+                "shard across: pick a multi-GPU backend.instance_type (ml.g5.12xlarge: 4 x A10G) or "
+                "backend.instance_count>1, or train.fsdp=false"
+            )
+        if backend.distribution == "none":
+            raise ConfigError(
+                "train.fsdp with backend.distribution=none starts one process: set backend.distribution=auto "
+                "(torchrun across every GPU of every instance)"
+            )
     bad_env = [name for name in backend.environment if not ENV_NAME.match(name)]
     if bad_env:
         raise ConfigError(f"backend.environment: {bad_env[0]!r} is not a valid environment variable name")
