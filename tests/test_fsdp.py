@@ -89,6 +89,19 @@ def test_without_fsdp_nothing_is_checked(tiny_config: Any) -> None:
     fsdp.check(tiny_config(model__load_in_4bit=True), world_size=1, device="cuda", precision="fp16")
 
 
+def test_one_local_process_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """`sftbridge train ... train.fsdp=true` without backend.num_processes: one line at once, no run folder
+    (not after torch and the data have loaded in a child process)."""
+    from conftest import cli
+
+    run_dir = tmp_path / "run"
+    result = cli("train", "configs/tiny-cpu.yaml", "train.fsdp=true", "--run-dir", str(run_dir))
+    assert result.returncode != 0
+    assert "train.fsdp shards the model across processes but this run has 1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not run_dir.exists() and not list(tmp_path.iterdir())
+
+
 def test_offload_without_fsdp_is_a_config_error(tiny_config: Any) -> None:
     with pytest.raises(ConfigError, match=r"train\.fsdp_offload: .*set train\.fsdp=true"):
         tiny_config(train__fsdp_offload=True)

@@ -32,6 +32,7 @@ from sftbridge.resume import (
     record_config,
 )
 from sftbridge.runs import default_run_dir, is_complete, latest_checkpoint, run_lock
+from sftbridge.training.fsdp import check_world_size
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the shell's exit codes: 130, 143
 
@@ -186,6 +187,7 @@ class LocalBackend:
             run_dir = interrupted
             print(f"resuming the interrupted run {run_dir} (same config); --run-dir DIR starts a new one")
         run_dir = Path(run_dir) if run_dir else default_run_dir("runs", config.run_name)
+        check_world_size(config, config.backend.num_processes)  # before a run folder or a process exists
         lock = contextlib.ExitStack()
         lock.enter_context(run_lock(run_dir))  # before anything is written: a second trainer writes nothing
         try:

@@ -37,11 +37,7 @@ def check(config: RunConfig, *, world_size: int, device: str, precision: str) ->
     train, model = config.train, config.model
     if not train.fsdp:
         return
-    if world_size < 2:
-        raise ConfigError(
-            "train.fsdp shards the model across processes but this run has 1: set backend.num_processes=N "
-            "(local, N GPUs) or a multi-GPU backend.instance_type (SageMaker); or train.fsdp=false"
-        )
+    check_world_size(config, world_size)
     if train.fsdp_offload and device == "cpu":
         raise ConfigError(
             "train.fsdp_offload moves the shards from GPU memory to CPU RAM; on the CPU there is nothing to "
@@ -58,6 +54,15 @@ def check(config: RunConfig, *, world_size: int, device: str, precision: str) ->
                 f"model.dtype={model.dtype} with model.load_in_4bit and train.fsdp: FSDP shards 4-bit "
                 f"weights only when they are stored in the load dtype, {QLORA_DTYPE}: set model.dtype=auto"
             )
+
+
+def check_world_size(config: RunConfig, world_size: int) -> None:
+    """FSDP needs two processes or more; the local backend asks before it launches anything."""
+    if config.train.fsdp and world_size < 2:
+        raise ConfigError(
+            "train.fsdp shards the model across processes but this run has 1: set backend.num_processes=N "
+            "(local, N GPUs) or a multi-GPU backend.instance_type (SageMaker); or train.fsdp=false"
+        )
 
 
 def loading(config: RunConfig) -> ModelSection:
