@@ -1,0 +1,183 @@
+"""DPO after SFT (issue 23): pairs rendered as SFT renders answers, a run that continues another's adapter
+(``model.adapter``), and a few real DPO steps whose reference is the SFT model."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SAMPLE_TRAIN, SHORT_RUN_PAIRS, write_jsonl
+from sftbridge.config import load_config
+from sftbridge.errors import ConfigError, DataError
+
+
+def pair_rows(count: int = SHORT_RUN_PAIRS) -> list[dict[str, str]]:
+    """The short run's questions, its answer preferred to the same answer padded out."""
+    rows = [json.loads(line) for line in SAMPLE_TRAIN.read_text().splitlines()[:count]]
+    return [
+        {
+            "question": r["question"],
+            "chosen": r["correct_answer"],
+            "rejected": f"{r['correct_answer']}, as the chapter on it explains at length",
+        }
+        for r in rows
+    ]
+
+
+def test_a_pair_is_encoded_exactly_as_sft_encodes_its_answers(tokenizer: Any) -> None:
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.loading import Record
+    from sftbridge.data.pairs import encode_pair, to_pair
+
+    fmt = PromptFormat("qa", "chat_template", system_prompt="Answer in one word.")
+    row = pair_rows(1)[0]
+    pair = encode_pair(to_pair(Record("p line 1", row), fmt), fmt, tokenizer)
+    for answer, ids in ((row["chosen"], pair.chosen_ids), (row["rejected"], pair.rejected_ids)):
+        sft = fmt.encode(tokenizer, fmt_example(fmt, row["question"], answer))
+        assert pair.prompt_ids + ids == sft.input_ids  # one BOS, the system prompt, EOS at the end
+        assert ids == [t for t in sft.labels if t >= 0]  # the completion is exactly SFT's trained span
+    assert pair.prompt_ids[0] == tokenizer.bos_token_id and pair.prompt_ids.count(tokenizer.bos_token_id) == 1
+    assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tokenizer.eos_token_id
+    # The chat form of the same pair (TRL's conversational names) is the same sequence.
+    chat = {
+        "prompt": [{"role": "user", "content": row["question"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
+    again = encode_pair(to_pair(Record("p line 2", chat), fmt), fmt, tokenizer)
+    assert (again.prompt_ids, again.chosen_ids, again.rejected_ids) == (
+        pair.prompt_ids,
+        pair.chosen_ids,
+        pair.rejected_ids,
+    )
+
+
+def fmt_example(fmt: Any, question: str, answer: str) -> Any:
+    from sftbridge.data.formatting import Example
+
+    return Example(
+        "x",
+        messages=fmt.with_system(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        ),
+    )
+
+
+def test_bad_pairs_are_all_reported_with_their_lines(tmp_path: Path) -> None:
+    from sftbridge.data.pairs import load_pairs
+
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"question": "q", "chosen": "a", "rejected": "b"},
+            {"question": "q", "chosen": "a"},
+            {"chosen": "a", "rejected": "b"},
+            {"question": "q", "chosen": "same", "rejected": "same "},
+            {"messages": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"},
+            {"question": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+            "not json",
+        ],
+    )
+    config = load_config(None, [f"data.train_file={path}", "train.method=dpo"])
+    with pytest.raises(DataError) as raised:
+        load_pairs(config.data)
+    message = str(raised.value)
+    assert message.startswith("6 data problem(s)")
+    for expected in (
+        f"{path} line 2: missing field 'rejected'",
+        f'{path} line 3: missing field "question"',
+        f"{path} line 4: chosen and rejected are the same answer",
+        f"{path} line 5: the last turn of messages must be the user's",
+        f"{path} line 6: field 'chosen' must be a string or one assistant turn",
+        f"{path} line 7: invalid JSON",
+    ):
+        assert expected in message
+
+
+def test_model_adapter_is_checked_before_anything_loads(short_run: Path, tmp_path: Path) -> None:
+    from sftbridge.training.continuation import open_parent
+
+    def parent_of(*overrides: str) -> Any:
+        return open_parent(load_config(None, ["data.train_file=x.jsonl", *overrides]))
+
+    assert parent_of().__class__ is type(None)
+    assert parent_of(f"model.adapter={short_run}").run.run_name == "tiny-cpu"
+    with pytest.raises(ConfigError, match=r"model.adapter: .*nowhere: no such run directory"):
+        parent_of(f"model.adapter={tmp_path / 'nowhere'}")
+    with pytest.raises(
+        ConfigError, match=r"was trained on builtin:tiny-llama.*set model.name_or_path=builtin"
+    ):
+        parent_of(f"model.adapter={short_run}", f"model.name_or_path={tmp_path}")
+
+
+@pytest.mark.slow  # ~20 s on 2 shared cores: TRL's DPO set-up, 3 steps, the run's report
+def test_dpo_continues_the_sft_run_against_it_as_reference(short_run: Path, tmp_path: Path) -> None:
+    """Four DPO steps from the short SFT run. At step 1 the policy is the reference (the SFT adapter, not
+    the bare base): loss log 2 and rewards 0 exactly; then the margin grows and the loss falls. The run is
+    an ordinary one: its adapter alone (not the reference copy), its parent in the manifest."""
+    from safetensors.torch import load_file
+
+    from sftbridge.inference.folder import ModelFolder
+    from sftbridge.runs import load_manifest
+    from sftbridge.training.train import train
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+    config = load_config(
+        None,
+        [
+            f"data.train_file={pairs}",
+            f"model.adapter={short_run}",
+            "train.method=dpo",
+            "train.max_steps=3",
+            "train.per_device_batch_size=8",
+            "train.learning_rate=1e-3",
+            "train.logging_steps=1",
+            "train.answer_metrics=false",
+            "train.device=cpu",
+            "data.max_length=128",
+            "data.validation_split_ratio=0",
+        ],
+    )
+    run = train(config, tmp_path / "dpo")
+    logs = [
+        line for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in line
+    ]
+    first, last = logs[0], logs[-1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
+    assert last["rewards/margins"] > 0 and last["rewards/accuracies"] == 1.0
+    assert 1e-6 < last["loss"] < 0.95 * first["loss"]
+
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == sorted(
+        p.name for p in (short_run / "adapter").iterdir()
+    )
+    manifest = load_manifest(run)
+    assert manifest.parent_run is not None and manifest.parent_run.path == str(short_run)
+    assert manifest.parent_run.run_name == "tiny-cpu" and manifest.run_config.train.method == "dpo"
+    assert manifest.run_config.lora == load_manifest(short_run).run_config.lora  # the parent's shape
+    sft = load_file(short_run / "adapter" / "adapter_model.safetensors")
+    dpo = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert sft.keys() == dpo.keys() and any(not sft[k].equal(dpo[k]) for k in sft)
+    folder = ModelFolder.open(run)  # every check a served or merged run passes
+    assert folder.prompt_format == ModelFolder.open(short_run).prompt_format
+
+
+def test_dpo_private_override_still_fits_trl() -> None:
+    """SafeDPOTrainer skips TRL's tokenization (pairs come tokenized): the method it replaces must still take
+    these arguments, and the collator still read the columns that method would have written."""
+    from trl import DPOTrainer
+
+    from sftbridge.training.dpo import SafeDPOTrainer
+    from test_fault_tolerance import private_overrides
+
+    assert private_overrides(SafeDPOTrainer) == set(SafeDPOTrainer.PRIVATE_OVERRIDES)
+    params = list(inspect.signature(DPOTrainer._prepare_dataset).parameters)
+    assert params == ["self", "dataset", "processing_class", "args", "dataset_name"]
+    source = inspect.getsource(DPOTrainer)
+    for column in ('output["prompt_ids"]', 'output["chosen_ids"]', 'output["rejected_ids"]'):
+        assert column in source
