@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,41 @@ def test_dpo_private_override_still_fits_trl() -> None:
     source = inspect.getsource(DPOTrainer)
     for column in ('output["prompt_ids"]', 'output["chosen_ids"]', 'output["rejected_ids"]'):
         assert column in source
+
+
+def test_eval_pairs_prefer_the_reference_to_each_wrong_or_long_answer(
+    short_run: Path, tmp_path: Path
+) -> None:
+    """The short run knows the sample's first 8 answers and nothing else: of 12 questions, the pairs are the
+    ones it got wrong or answered long, each with the reference chosen and its own answer rejected; the file
+    is DPO data as it stands (through preview, which renders it as training would)."""
+    from conftest import cli
+    from sftbridge.inference.evaluate import LONG_ANSWER_RATIO
+
+    run = Path(shutil.copytree(short_run, tmp_path / "run"))
+    pairs_file = tmp_path / "pairs.jsonl"
+    args = ("eval", str(run), "--data", str(SAMPLE_TRAIN), "--limit", "12", "--no-base")
+    result = cli(*args, "--pairs", str(pairs_file))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "eval-train-predictions.jsonl").read_text().splitlines()]
+    expected = [
+        {"question": r["question"], "chosen": r["reference"], "rejected": r["adapter_answer"].strip()}
+        for r in rows
+        if not r["adapter_exact_match"] or r["adapter_tokens"] > LONG_ANSWER_RATIO * r["reference_tokens"]
+    ]
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert pairs == expected and 4 <= len(pairs) < 12
+    assert f"pairs: {pairs_file} ({len(pairs)} of 12 answers wrong or long)" in result.stdout
+
+    shown = cli(
+        "preview",
+        "configs/dpo-concise.yaml",
+        f"data.train_file={pairs_file}",
+        f"model.adapter={run}",
+        "--n",
+        "2",
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    first = pairs[0]
+    assert "chosen (" in shown.stdout and f"⟦ {first['chosen']} </s>⟧" in shown.stdout
+    assert f"⟦ {first['rejected']} </s>⟧" in shown.stdout and shown.stdout.count("<s>[INST]") == 4

@@ -277,6 +277,12 @@ class TrainSection(_Section):
     ] = Field(
         "sigmoid", description="DPO: TRL's loss_type; sigmoid is the DPO paper's, ipo adds a squared margin."
     )
+    dpo_rpo_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        description="DPO: weight of an SFT loss on the chosen answer beside the DPO loss (RPO; TRL's "
+        "loss_type 'sft'): keeps the chosen answer likely while the rejected one is pushed down; None = off.",
+    )
     dpo_label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="DPO: share of pairs assumed mislabelled (robust DPO, sigmoid loss)."
     )

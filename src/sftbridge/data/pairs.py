@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sftbridge.config import DataSection
-from sftbridge.data.formatting import IGNORE_INDEX, Encoded, Example, FormatError, Message, PromptFormat
+from sftbridge.data.formatting import (
+    IGNORE_INDEX,
+    Encoded,
+    Example,
+    FormatError,
+    Message,
+    PromptFormat,
+    resolve_chat_format,
+)
 from sftbridge.data.loading import ROLES, LengthReport, Record, _raise_if, read_jsonl, split_records
 from sftbridge.errors import DataError
 
@@ -141,6 +149,16 @@ def load_pairs(cfg: DataSection, *, eval_strategy: str = "epoch") -> LoadedPairs
         train, validation = split_records(train, cfg.validation_split_ratio, cfg.split_seed)
     fmt: PairFormat = "qa" if isinstance(_context(train[0].values)[1], str) else "messages"
     return LoadedPairs(fmt, train, validation, digests)
+
+
+def pairs_prompt_format(
+    section: DataSection, fmt: PairFormat, tokenizer: Any, parent: PromptFormat | None
+) -> PromptFormat:
+    """How pairs are rendered: as the run they continue was prompted (``model.adapter``: the DPO run is then
+    prompted exactly as its SFT run), else by the config's chat format and system prompt."""
+    if parent is not None:
+        return parent
+    return PromptFormat(fmt, resolve_chat_format(section.chat_format, tokenizer), None, section.system_prompt)
 
 
 def to_pair(record: Record, prompt_format: PromptFormat) -> Pair:

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from sftbridge.data.formatting import PromptFormat, resolve_chat_format
-from sftbridge.data.pairs import EncodedPair, encode_pairs, load_pairs, sample_records
+from sftbridge.data.pairs import EncodedPair, encode_pairs, load_pairs, pairs_prompt_format, sample_records
 from sftbridge.errors import DataError
 from sftbridge.training.answer_metrics import AnswerSample
 from sftbridge.training.trainer import SafeTraining
@@ -67,21 +66,12 @@ def dpo_config(sft_args: Any, config: RunConfig) -> DPOConfig:
         **shared,
         max_length=config.data.max_length,  # longer pairs were dropped, or the collator cuts them (truncate)
         beta=train.dpo_beta,
-        loss_type=[train.dpo_loss_type],
+        # RPO: the DPO loss plus alpha x the chosen answer's SFT loss (TRL's multi-loss form)
+        loss_type=[train.dpo_loss_type, *(["sft"] if train.dpo_rpo_alpha is not None else [])],
+        loss_weights=[1.0, train.dpo_rpo_alpha] if train.dpo_rpo_alpha is not None else None,
         label_smoothing=train.dpo_label_smoothing,
         ld_alpha=train.dpo_ld_alpha,
         precompute_ref_log_probs=train.dpo_precompute_ref_log_probs,
-    )
-
-
-def pairs_prompt_format(
-    config: RunConfig, fmt: Any, tokenizer: Any, parent: ModelFolder | None
-) -> PromptFormat:
-    """The parent run's prompt format (the DPO run is prompted as the SFT run was), else the config's."""
-    if parent is not None:
-        return parent.prompt_format
-    return PromptFormat(
-        fmt, resolve_chat_format(config.data.chat_format, tokenizer), None, config.data.system_prompt
     )
 
 
@@ -92,7 +82,8 @@ def prepare_pairs(
     from sftbridge.training.train import TrainingData
 
     loaded = load_pairs(config.data, eval_strategy=config.train.eval_strategy)
-    prompt_format = pairs_prompt_format(config, loaded.format, tokenizer, parent)
+    parent_format = parent.prompt_format if parent is not None else None
+    prompt_format = pairs_prompt_format(config.data, loaded.format, tokenizer, parent_format)
     args = (prompt_format, tokenizer, config.data.max_length, config.data.over_length)
     train, train_report = encode_pairs(loaded.train, *args)
     validation, validation_report = encode_pairs(loaded.validation, *args)
