@@ -220,3 +220,74 @@ def test_eval_pairs_prefer_the_reference_to_each_wrong_or_long_answer(
     first = pairs[0]
     assert "chosen (" in shown.stdout and f"⟦ {first['chosen']} </s>⟧" in shown.stdout
     assert f"⟦ {first['rejected']} </s>⟧" in shown.stdout and shown.stdout.count("<s>[INST]") == 4
+
+
+def test_report_draws_the_rewards_beside_the_loss(tmp_path: Path) -> None:
+    from sftbridge.report.collect import read_curves
+    from sftbridge.report.plots import curve_groups
+
+    metrics = write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [
+            {
+                "step": step,
+                "loss": 0.69 / step,
+                "learning_rate": 5e-4,
+                "logps/chosen": -1.0,
+                "rewards/chosen": 0.1 * step,
+                "rewards/rejected": -step,
+                "rewards/margins": 1.1 * step,
+                "rewards/accuracies": 1.0,
+            }
+            for step in (1, 2)
+        ]
+        + [{"step": 2, "eval_loss": 0.3, "eval_rewards/margins": 2.0, "eval_rewards/accuracies": 1.0}],
+    )
+    groups = dict(curve_groups(read_curves(metrics)))
+    assert groups["Loss"] == ["loss", "eval_loss"]
+    assert groups["DPO rewards"] == [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "eval_rewards/margins",
+    ]
+    assert groups["DPO reward accuracy"] == ["rewards/accuracies", "eval_rewards/accuracies"]
+    assert "logps/chosen" not in {key for keys in groups.values() for key in keys}
+
+
+@pytest.mark.slow  # ~10 s: two SFT steps and the run's report
+def test_model_adapter_continues_sft_from_the_runs_adapter(short_run: Path, tmp_path: Path) -> None:
+    """More SFT on a run: its adapter is where training starts (the first loss is the memorised answers'
+    small one, not a fresh adapter's), in its LoRA shape, and the new run names its parent."""
+    from sftbridge.runs import load_manifest
+    from sftbridge.training.train import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", SAMPLE_TRAIN.read_text().splitlines()[:SHORT_RUN_PAIRS])
+    config = load_config(
+        None,
+        [
+            f"data.train_file={data}",
+            f"model.adapter={short_run}",
+            "lora.r=4",  # the parent's shape wins
+            "train.max_steps=2",
+            "train.per_device_batch_size=8",
+            "train.logging_steps=1",
+            "train.answer_metrics=false",
+            "train.device=cpu",
+            "data.validation_split_ratio=0",
+        ],
+    )
+    run = train(config, tmp_path / "more")
+    first = losses(run)[0]
+    assert first < 0.1 < losses(short_run)[0]  # a fresh adapter starts from the random model's ~8
+    manifest = load_manifest(run)
+    assert manifest.parent_run is not None and manifest.parent_run.method == "sft"
+    assert manifest.run_config.lora.r == load_manifest(short_run).run_config.lora.r != 4
+    assert (
+        json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == manifest.run_config.lora.r
+    )
+
+
+def losses(run: Path) -> list[float]:
+    lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [line["loss"] for line in lines if "loss" in line]

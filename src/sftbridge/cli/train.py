@@ -60,7 +60,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_capabilities(args, backend)
     # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
     data_files = (config.data.train_file, config.data.validation_file, config.data.test_file)
-    if not any(str(path).startswith("s3://") for path in data_files):
+    if config.model.adapter:
+        from sftbridge.training.continuation import open_parent
+
+        open_parent(config)  # the run to continue: checked like any run folder, on the same base
+    local_data = not any(str(path).startswith("s3://") for path in data_files)
+    if local_data and config.train.method == "dpo":
+        from sftbridge.data.pairs import load_pairs
+
+        load_pairs(config.data, eval_strategy=config.train.eval_strategy)
+    elif local_data:
         loaded = load_data(config.data, eval_strategy=config.train.eval_strategy)
         warn_if_too_little_training(config, len(loaded.train))
     if args.dry_run:
