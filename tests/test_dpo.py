@@ -291,3 +291,39 @@ def test_model_adapter_continues_sft_from_the_runs_adapter(short_run: Path, tmp_
 def losses(run: Path) -> list[float]:
     lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return [line["loss"] for line in lines if "loss" in line]
+
+
+def test_dpo_arguments_are_the_runs_sft_arguments_plus_the_dpo_keys(tmp_path: Path) -> None:
+    """One home for the training arguments: DPO takes the SFTConfig the run would train with (device,
+    precision, checkpointing, schedule, checkpoints...) and adds its own keys."""
+    from sftbridge.training.dpo import dpo_config
+    from sftbridge.training.train import sft_config
+
+    config = load_config(
+        None,
+        [
+            "data.train_file=x.jsonl",
+            "train.method=dpo",
+            "train.dpo_beta=0.3",
+            "train.dpo_rpo_alpha=0.5",
+            "train.device=cpu",
+            "train.learning_rate=2e-4",
+            "train.save_steps=7",
+        ],
+    )
+    sft = sft_config(config, output_dir=tmp_path, device="cpu", precision="fp32", do_eval=False)
+    dpo = dpo_config(sft, config)
+    shared = (
+        "output_dir",
+        "learning_rate",
+        "use_cpu",
+        "bf16",
+        "activation_checkpointing",
+        "seed",
+        "save_steps",
+    )
+    for name in (*shared, "num_train_epochs", "lr_scheduler_type", "ddp_find_unused_parameters", "report_to"):
+        assert getattr(dpo, name) == getattr(sft, name), name
+    assert (dpo.use_cpu, dpo.bf16, dpo.activation_checkpointing) == (True, False, False)
+    assert (dpo.beta, dpo.loss_type, dpo.loss_weights) == (0.3, ["sigmoid", "sft"], [1.0, 0.5])
+    assert dpo.max_length == config.data.max_length and dpo.train_sampling_strategy == "random"
