@@ -518,6 +518,8 @@ def make_plan(
     if plan.fits is False:
         plan.warnings.append(_advice(config, shapes, lengths, target, plan))
     plan.learning = learning(config, plan.throughput.steps_per_epoch)
+    if dpo:  # its heuristics are SFT's, of an adapter learning new answers; DPO moves a trained one
+        plan.learning.warning = None
     return plan
 
 
@@ -525,26 +527,40 @@ def make_plan(
 
 
 def pair_lengths(config: RunConfig) -> tuple[Lengths, list[str]]:
-    """DPO's rows: two per pair, prompt + chosen and prompt + rejected, tokenized as training encodes them."""
+    """DPO's rows: two per pair, prompt + chosen and prompt + rejected, tokenized as training encodes them
+    (estimated from characters, as for SFT, when the model's tokenizer is not on this machine)."""
+    from sftbridge.config import ModelSection
     from sftbridge.data.encoding import Lengths
     from sftbridge.data.pairs import encode_pairs, load_pairs, pairs_prompt_format
     from sftbridge.models.loading import load_tokenizer
 
+    notes: list[str] = []
     loaded = load_pairs(config.data, eval_strategy="no")
     try:
-        tokenizer = load_tokenizer(config.model, local_only=True)
-    except UserError as exc:
-        raise ConfigError(
-            f"plan of a DPO config: the tokenizer of {config.model.name_or_path} is not on this machine "
-            f"({exc}); `hf download {config.model.name_or_path} --include '*.json' 'tokenizer.model'`"
-        ) from None
+        tokenizer, estimated = load_tokenizer(config.model, local_only=True), False
+    except UserError:
+        tokenizer, estimated = load_tokenizer(ModelSection()), True  # Llama-2's chat template, verbatim
+        notes.append(
+            f"the tokenizer of {config.model.name_or_path} is not on this machine: token lengths estimated "
+            f"at {CHARS_PER_TOKEN} characters per token"
+        )
     fmt = pairs_prompt_format(config.data, loaded.format, tokenizer, None)
-    pairs, _ = encode_pairs(loaded.train, fmt, tokenizer, config.data.max_length, "drop")
-    if not pairs:
+    max_length = 10**9 if estimated else config.data.max_length
+    pairs, _ = encode_pairs(loaded.train, fmt, tokenizer, max_length, "drop")
+    tokens, trained = [], []
+    for pair in pairs:
+        for encoded in (pair.chosen, pair.rejected):
+            if estimated:
+                start, end = encoded.trained_spans[-1]
+                n = min(max(1, round(len(encoded.text) / CHARS_PER_TOKEN)), config.data.max_length)
+                tokens.append(n)
+                trained.append(min(n, round((end - start) / CHARS_PER_TOKEN)))
+            else:
+                tokens.append(len(encoded.input_ids))
+                trained.append(len(encoded.input_ids) - len(pair.prompt_ids))
+    if not tokens:
         raise ConfigError(f"data.max_length={config.data.max_length}: no pair is left")
-    tokens = [len(p.prompt_ids) + len(ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
-    trained = [len(ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
-    return Lengths(tokens, trained), []
+    return Lengths(tokens, trained, "estimated" if estimated else "tokenizer"), notes
 
 
 def preference_plan(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine) -> Plan:
