@@ -255,7 +255,6 @@ def test_report_draws_the_rewards_beside_the_loss(tmp_path: Path) -> None:
     assert "logps/chosen" not in {key for keys in groups.values() for key in keys}
 
 
-@pytest.mark.slow  # ~10 s: two SFT steps and the run's report
 def test_model_adapter_continues_sft_from_the_runs_adapter(short_run: Path, tmp_path: Path) -> None:
     """More SFT on a run: its adapter is where training starts (the first loss is the memorised answers'
     small one, not a fresh adapter's), in its LoRA shape, and the new run names its parent."""
@@ -327,3 +326,15 @@ def test_dpo_arguments_are_the_runs_sft_arguments_plus_the_dpo_keys(tmp_path: Pa
     assert (dpo.use_cpu, dpo.bf16, dpo.activation_checkpointing) == (True, False, False)
     assert (dpo.beta, dpo.loss_type, dpo.loss_weights) == (0.3, ["sigmoid", "sft"], [1.0, 0.5])
     assert dpo.max_length == config.data.max_length and dpo.train_sampling_strategy == "random"
+
+
+def test_a_version_2_manifest_still_reads(short_run: Path) -> None:
+    """Manifest version 3 added parent_run: a run written before it (version 2) reads as one without a
+    parent."""
+    from sftbridge.runs import MANIFEST_VERSION, parse_manifest
+
+    raw = json.loads((short_run / "sftbridge.json").read_text())
+    raw["manifest_version"] = 2
+    raw.pop("parent_run")
+    manifest = parse_manifest(raw, "old/sftbridge.json")
+    assert manifest.manifest_version == MANIFEST_VERSION == 3 and manifest.parent_run is None

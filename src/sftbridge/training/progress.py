@@ -43,8 +43,8 @@ TRAIN_FIELDS = (
     ("grad_norm", "grad_norm"),
     # DPO (TRL's names): the implicit rewards of the chosen and rejected answers, their margin, and the
     # share of pairs where the chosen one wins
-    ("rewards/chosen", "chosen"),
-    ("rewards/rejected", "rejected"),
+    ("rewards/chosen", "reward_chosen"),
+    ("rewards/rejected", "reward_rejected"),
     ("rewards/margins", "margin"),
     ("rewards/accuracies", "reward_acc"),
 )

@@ -40,6 +40,9 @@ METRIC_DEFINITIONS = [
     {"Name": "train:tokens_per_second", "Regex": rf"\[train\] .*\btokens/s={_NUMBER}"},
     {"Name": "train:epoch", "Regex": rf"\[train\] .*\bepoch={_NUMBER}"},
     {"Name": "eval:loss", "Regex": rf"\[eval\] .*\beval_loss={_NUMBER}"},
+    # DPO (train.method=dpo): the chosen answers' reward margin over the rejected ones, the share they win
+    {"Name": "train:rewards_margin", "Regex": rf"\[train\] .*\bmargin={_NUMBER}"},
+    {"Name": "train:rewards_accuracy", "Regex": rf"\[train\] .*\breward_acc={_NUMBER}"},
     # The answer metrics (training/answer_metrics.py) measured while training, each on its own [metrics]
     # line; only that line counts (a line with eval_answer_* or base_answer_* is not charted twice).
     *(
