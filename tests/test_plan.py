@@ -377,3 +377,35 @@ def test_train_warns_before_it_starts_when_it_will_barely_learn(
         == 0
     )
     assert "warning:" not in capsys.readouterr().err  # the built-in recipe learns
+
+
+def test_dpo_plan_counts_two_rows_per_pair_and_the_reference(in_root: None) -> None:
+    """A DPO micro-batch of B pairs is SFT's arithmetic on 2B rows, plus the frozen reference adapter and its
+    no-grad forward in memory, and a third more work per step."""
+    sft = make_plan(
+        config_7b("llama2-7b-chat-lora", "train.per_device_batch_size=8", "train.group_by_length=false"),
+        gpu="a100-40gb",
+        lengths=SKEWED,
+    )
+    dpo = make_plan(
+        config_7b("llama2-7b-chat-lora", "train.method=dpo", "train.per_device_batch_size=4"),
+        gpu="a100-40gb",
+        lengths=SKEWED,
+    )
+    lora_weights = dpo.memory.lora_params * 4  # fp32 adapters on a 16-bit base
+    assert lora_weights < dpo.memory.reference < 0.5 * dpo.memory.activations
+    assert dpo.memory.peak_total == pytest.approx(sft.memory.peak_total + dpo.memory.reference)
+    assert dpo.throughput.steps_per_epoch == sft.throughput.steps_per_epoch == 13  # 50 pairs / 4
+    assert dpo.throughput.training_hours == pytest.approx(sft.throughput.training_hours * 4 / 3)
+    assert any(note.startswith("DPO: each pair is two rows") for note in dpo.notes)
+    precomputed = make_plan(
+        config_7b(
+            "llama2-7b-chat-lora",
+            "train.method=dpo",
+            "train.per_device_batch_size=4",
+            "train.dpo_precompute_ref_log_probs=true",
+        ),
+        gpu="a100-40gb",
+        lengths=SKEWED,
+    )
+    assert precomputed.memory.reference == pytest.approx(lora_weights)

@@ -790,3 +790,54 @@ def test_a_jobs_trackers_are_installed_in_it() -> None:
     for name in ("mlflow", "sagemaker-mlflow"):
         assert shipped[name] == metadata.version(name)
     assert "mlflow" not in dict(line.split("==") for line in requirements(True))
+
+
+def test_a_dpo_job_ships_its_parent_run_and_carries_method_dpo(
+    aws: None, short_run: Path, tmp_path: Path
+) -> None:
+    """DPO after SFT on SageMaker: the same script and request, train.method=dpo among the hyperparameters,
+    and model.adapter's run uploaded as the ``parent`` channel, which the script then continues from."""
+    from conftest import write_jsonl
+    from sftbridge.backends.sagemaker.backend import SageMakerBackend
+    from sftbridge.training.sagemaker_env import SageMakerEnv
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"question": "q", "chosen": "a", "rejected": "a b c"}])
+    config = load_config(
+        ROOT / "configs" / "tiny-cpu.yaml",
+        [
+            f"backend.role={ROLE}",
+            f"backend.bucket={BUCKET}",
+            "backend.name=sagemaker",
+            "train.method=dpo",
+            f"model.adapter={short_run}",
+            f"data.train_file={pairs}",
+        ],
+    )
+    recorder = Recorder()
+    job = SageMakerBackend(boto_session=recorder.session).submit(
+        config, config_path=None, overrides=[], run_dir=None
+    )
+    sent = recorder.only("CreateTrainingJob")
+    assert sent["HyperParameters"]["train.method"] == "dpo"
+    assert sent["HyperParameters"]["model.adapter"] == str(short_run)
+    root = f"s3://{BUCKET}/sftbridge/tiny-cpu/{job.id}"
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in sent["InputDataConfig"]}
+    assert channels["parent"] == f"{root}/input/parent"
+    for name in (
+        "sftbridge.json",
+        "COMPLETE",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
+        assert s3_get(f"{root}/input/parent/{name}") == (short_run / name).read_bytes()
+    # In the job, SM_CHANNEL_PARENT (the channel's folder) becomes model.adapter.
+    env = SageMakerEnv.from_environ({"SM_CHANNEL_PARENT": "/opt/ml/input/data/parent"})
+    assert env.data_overrides(config) == {"model": {"adapter": "/opt/ml/input/data/parent"}}
+
+    with pytest.raises(ConfigError, match=r"model.adapter: .*not a run directory"):
+        SageMakerBackend(boto_session=recorder.session).submit(
+            config.model_copy(update={"model": config.model.model_copy(update={"adapter": str(tmp_path)})}),
+            config_path=None,
+            overrides=[],
+            run_dir=None,
+        )

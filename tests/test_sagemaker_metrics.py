@@ -65,6 +65,28 @@ def test_each_regex_reads_only_its_own_field(capsys: pytest.CaptureFixture[str])
     assert values["answer:mean_tokens"] == [4.0]
     assert values["answer:eos_rate"] == [1.0]
     assert len(values["train:tokens_per_second"]) == 1 and values["train:tokens_per_second"][0] > 0
+    assert values["train:rewards_margin"] == values["train:rewards_accuracy"] == []  # SFT has none
+
+
+def test_dpo_rewards_are_charted(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress(None, tty=False)
+    state = SimpleNamespace(global_step=0, max_steps=50, is_world_process_zero=True)
+    progress.on_train_begin(None, state, None)
+    state.global_step = 10
+    logs = {"loss": 0.4, "learning_rate": 5e-4, "num_tokens": 1e6, "epoch": 0.5, "logps/chosen": -3.0}
+    rewards = {
+        "rewards/chosen": 1.5,
+        "rewards/rejected": -2.0,
+        "rewards/margins": 3.5,
+        "rewards/accuracies": 0.75,
+    }
+    progress.on_log(None, state, None, logs={**logs, **rewards, "logits/chosen": 0.1})
+    progress.on_log(None, state, None, logs={"eval_loss": 0.5, "eval_rewards/margins": 9.0, "epoch": 0.5})
+    out = capsys.readouterr().out
+    assert "reward_chosen=1.5 reward_rejected=-2 margin=3.5 reward_acc=0.75" in out
+    values = charted(out)
+    assert values["train:rewards_margin"] == [3.5] and values["train:rewards_accuracy"] == [0.75]
+    assert values["train:loss"] == [0.4] and values["eval:loss"] == [0.5]
 
 
 @pytest.mark.slow

@@ -38,8 +38,10 @@ def container(base: Path, config: Any) -> tuple[Path, dict[str, str]]:
     for channel in spec.channels:
         folder = base / "input" / "data" / channel.name
         folder.mkdir(parents=True)
-        for path in channel.files:
-            shutil.copy(path, folder / path.name)
+        for path in channel.files:  # a run folder (model.adapter's) keeps its layout
+            target = folder / (path.relative_to(channel.root) if channel.root else path.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
     for folder in ("model", "output/data", "checkpoints", "input/config"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     config_dir = base / "input" / "config"
@@ -192,3 +194,36 @@ def test_v3_script_driver_cannot_carry_dotted_hyperparameters(tmp_path: Path) ->
     )
     assert sourced.returncode != 0 and "reached" not in sourced.stdout
     assert "not a valid identifier" in sourced.stderr
+
+
+@pytest.mark.slow
+def test_toolkit_runs_dpo_after_sft_from_the_parent_channel(short_run: Path, tmp_path: Path) -> None:
+    """DPO after SFT as a SageMaker job: the same entry script, train.method=dpo among the hyperparameters,
+    the SFT run in the ``parent`` channel (not at the path the submitter had), and a run that names it."""
+    from conftest import write_jsonl
+    from sftbridge.config import load_config
+
+    rows = [
+        json.loads(line) for line in (ROOT / "data" / "sciq-sample" / "train.jsonl").read_text().splitlines()
+    ]
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"question": r["question"], "chosen": r["correct_answer"], "rejected": "I do not know"}
+            for r in rows[:8]
+        ],
+    )
+    config = _tiny(pairs, epochs=1)
+    config["lora"] = {}
+    config["data"].pop("system_prompt")
+    config["model"] = {"adapter": str(short_run)}
+    config["train"].update(method="dpo", learning_rate=1e-3, answer_metrics=False)
+    base, environment = container(tmp_path / "opt_ml", load_config(None, config))
+    result = run_toolkit(base, environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert step_logs(result.stdout) == 1 and "margin=" in result.stdout  # 8 pairs / batch 8
+    manifest = load_manifest(base / "model")
+    parent = base / "input" / "data" / "parent"
+    assert manifest.run_config.train.method == "dpo" and manifest.run_config.model.adapter == str(parent)
+    assert manifest.parent_run is not None and manifest.parent_run.path == str(parent)
+    assert manifest.parent_run.run_name == "tiny-cpu"

@@ -99,6 +99,11 @@ class ModelSection(_Section):
         description="AWS Secrets Manager secret (name or ARN) holding the Hugging Face token, read where the "
         "script runs (e.g. inside a SageMaker job); the token itself is never a config value.",
     )
+    adapter: str | None = Field(
+        None,
+        description="A finished run folder to continue from: training starts from its adapter (same base "
+        "model; its LoRA shape replaces the lora section), for more SFT on new data or DPO after SFT.",
+    )
 
     @field_validator("attn_implementation")
     @classmethod
@@ -258,6 +263,50 @@ class TrainSection(_Section):
     early_stopping_threshold: float = Field(
         0.0, ge=0.0, description="The least change of metric_for_best_model that counts as an improvement."
     )
+    # Preference tuning (training/dpo.py): TRL's DPOTrainer on {prompt|question, chosen, rejected} pairs.
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning on answers; dpo: preference tuning on chosen/rejected "
+        "pairs.",
+    )
+    dpo_beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO: how far the policy may move from the reference (TRL's beta); higher = closer.",
+    )
+    dpo_loss_type: Literal[
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "nca_pair",
+        "apo_zero",
+        "apo_down",
+        "sigmoid_norm",
+    ] = Field(
+        "sigmoid", description="DPO: TRL's loss_type; sigmoid is the DPO paper's, ipo adds a squared margin."
+    )
+    dpo_rpo_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        description="DPO: weight of an SFT loss on the chosen answer beside the DPO loss (RPO; TRL's "
+        "loss_type 'sft'): keeps the chosen answer likely while the rejected one is pushed down; None = off.",
+    )
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="DPO: share of pairs assumed mislabelled (robust DPO, sigmoid loss)."
+    )
+    dpo_ld_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="DPO: LD-DPO's weight on answer tokens past the shorter answer's length; None = off.",
+    )
+    dpo_precompute_ref_log_probs: bool = Field(
+        False,
+        description="DPO: score every pair with the reference once before training (a forward less a step).",
+    )
 
     @field_validator("fsdp_offload")
     @classmethod
@@ -281,6 +330,15 @@ class TrainSection(_Section):
                 "load_best_model_at_end restores a checkpoint, so checkpoints must be written at every "
                 "evaluation: with eval_strategy=epoch leave save_steps unset; with eval_strategy=steps set "
                 "save_steps equal to eval_steps"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_batches(self) -> TrainSection:
+        if self.method == "dpo" and (self.packing or self.padding_free):
+            raise ValueError(
+                "packing and padding_free are for SFT: DPO batches a chosen and a rejected sequence a pair; "
+                "set train.packing=false and train.padding_free=false"
             )
         return self
 

@@ -49,7 +49,9 @@ COMPLETE = "COMPLETE"
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-MANIFEST_VERSION = 2  # 2: `kind` on every manifest
+# 2: `kind` on every manifest. 3: a run's config may hold model.adapter and train.method (a DPO run), which
+# an older sftbridge's config schema refuses: it says "written by a newer sftbridge" instead; `parent_run`.
+MANIFEST_VERSION = 3
 CHECKPOINT_COMPLETE = "SFTBRIDGE_COMPLETE"  # inside checkpoint-N/, written last
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -170,6 +172,16 @@ class FinalMetrics(_Record):
     eval_loss: float | None = None
 
 
+class ParentRecord(_Record):
+    """The run whose adapter a run started from (``model.adapter``): the DPO reference, or the SFT run that
+    more SFT continued."""
+
+    path: str  # as the config gave it
+    run_name: str
+    adapter_sha256: str  # of its adapter_model.safetensors: which weights, should the folder change later
+    method: str = "sft"  # how the parent itself was trained
+
+
 class FileRecord(_Record):
     sha256: str
     bytes: int
@@ -193,6 +205,7 @@ class RunManifest(_Record):
     device: DeviceRecord = Field(default_factory=DeviceRecord)
     timings: Timings = Field(default_factory=Timings)
     resumed_from: str | None = None
+    parent_run: ParentRecord | None = None  # model.adapter's run (manifests before it: None)
     metrics: FinalMetrics = Field(default_factory=FinalMetrics)
     best_model: dict[str, Any] | None = None  # training.answer_metrics.best_model_record
     answer_metrics: dict[str, Any] | None = None  # training.answer_metrics.answer_record
@@ -236,9 +249,11 @@ _MANIFEST = TypeAdapter(Manifest)
 def upgrade_manifest(raw: dict[str, Any]) -> dict[str, Any]:
     """A manifest as an earlier version wrote it, in the current version's shape."""
     raw = dict(raw)
-    if int(raw.get("manifest_version", 1)) < 2:
+    version = int(raw.get("manifest_version", 1))
+    if version < 2:
         raw.setdefault("kind", "run")  # version 1 marked only merged folders
-        raw["manifest_version"] = MANIFEST_VERSION
+    # Version 3 only added what version 2 runs lack (parent_run, defaulting to None).
+    raw["manifest_version"] = max(version, MANIFEST_VERSION)
     return raw
 
 

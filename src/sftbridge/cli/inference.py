@@ -37,6 +37,13 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-base", action="store_true", help="skip the base model")
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        metavar="FILE",
+        help="also write DPO pairs to FILE: for each answer wrong or over 1.5x the reference's length, "
+        "the reference as chosen and the answer as rejected (train.method=dpo reads them)",
+    )
     add_device(parser)
     add_trust_remote_code(parser)
     parser.set_defaults(func=cmd_eval)
@@ -98,6 +105,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = args.json_out or evaluation_path(args.run, test_file)
     predictions = write_results(result, summary)
     print(f"summary: {summary}\npredictions: {predictions}")
+    if args.pairs:
+        from sftbridge.inference.evaluate import preference_pairs, write_pairs
+
+        pairs = preference_pairs(result, cases, predictor.prompt_format)
+        write_pairs(pairs, args.pairs)
+        print(f"pairs: {args.pairs} ({len(pairs)} of {len(cases)} answers wrong or long)")
     _refresh_report(Path(args.run), summary)
     return 0
 

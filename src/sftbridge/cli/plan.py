@@ -59,6 +59,11 @@ def render(plan: Plan, config: RunConfig) -> str:
         f"  activations, checkpointing {'on' if gc else 'off'}{_gb(m.activations)}   "
         f"(off{_gb(m.activations_without_checkpointing)}, on{_gb(m.activations_with_checkpointing)})",
         f"  LM head (fused, chunked log-probs){_gb(m.lm_head)}",
+        *(
+            [f"  DPO reference: frozen adapter copy + no-grad forward{_gb(m.reference)}"]
+            if m.reference
+            else []
+        ),
         f"  {'CUDA context' if plan.target.kind != 'cpu' else 'Python + libraries'}{_gb(m.runtime)}",
         f"  peak {'reserved (torch)' if plan.target.kind != 'cpu' else 'allocated'}{_gb(m.peak_reserved)}",
         f"  peak total{_gb(m.peak_total)}",

@@ -60,7 +60,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_capabilities(args, backend)
     # Fail on bad data here, before a subprocess, an upload or a model load (the job checks s3:// data).
     data_files = (config.data.train_file, config.data.validation_file, config.data.test_file)
-    if not any(str(path).startswith("s3://") for path in data_files):
+    if config.model.adapter:
+        from sftbridge.training.continuation import open_parent
+
+        open_parent(config)  # the run to continue: checked like any run folder, on the same base
+    local_data = not any(str(path).startswith("s3://") for path in data_files)
+    if local_data and config.train.method == "dpo":
+        from sftbridge.data.pairs import load_pairs
+
+        load_pairs(config.data, eval_strategy=config.train.eval_strategy)
+    elif local_data:
         loaded = load_data(config.data, eval_strategy=config.train.eval_strategy)
         warn_if_too_little_training(config, len(loaded.train))
     if args.dry_run:
@@ -126,6 +135,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from sftbridge.models.loading import load_tokenizer
 
     config = load_config(args.config, args.overrides, options_model=options_model)
+    if config.train.method == "dpo":
+        return preview_pairs(config, args)
     data = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
     encoded = encode(data, config.data, tokenizer, ("train",), limit=args.n)
@@ -154,6 +165,35 @@ def cmd_preview(args: argparse.Namespace) -> int:
         print(
             f"\n{MARK_OPEN}…{MARK_CLOSE} marks the tokens the loss is computed on; the rest is context only."
         )
+    return 0
+
+
+def preview_pairs(config: RunConfig, args: argparse.Namespace) -> int:
+    """``preview`` of a DPO config: each pair's chosen and rejected sequence, the trained answer marked."""
+    from sftbridge.data.pairs import encode_pair, load_pairs, pairs_prompt_format, to_pair
+    from sftbridge.models.loading import load_tokenizer
+    from sftbridge.training.continuation import open_parent
+
+    parent = open_parent(config)
+    loaded = load_pairs(config.data, eval_strategy="no")
+    tokenizer = load_tokenizer(config.model)  # the tokenizer only: no weights are loaded
+    parent_format = parent.prompt_format if parent is not None else None
+    prompt_format = pairs_prompt_format(config.data, loaded.format, tokenizer, parent_format)
+    for record in loaded.train[: args.n]:
+        pair = encode_pair(to_pair(record, prompt_format), prompt_format, tokenizer)
+        sides = (("chosen", pair.chosen), ("rejected", pair.rejected))
+        if args.json:
+            row = {"where": record.where, "prompt_ids": pair.prompt_ids}
+            for name, encoded in sides:
+                row.update({name: encoded.text, f"{name}_ids": encoded.input_ids[len(pair.prompt_ids) :]})
+            print(json.dumps(row, ensure_ascii=False))
+            continue
+        print(f"── {record.where} · {len(pair.prompt_ids)} prompt tokens ({prompt_format.chat_format}) ──")
+        for name, encoded in sides:
+            trained = len(encoded.input_ids) - len(pair.prompt_ids)
+            print(f"{name} ({trained} tokens): {mark_spans(encoded.text, encoded.trained_spans)}")
+    if not args.json:
+        print(f"\n{MARK_OPEN}…{MARK_CLOSE} marks the answer DPO compares; the rest is the shared prompt.")
     return 0
 
 

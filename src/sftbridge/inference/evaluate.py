@@ -206,6 +206,36 @@ def _prediction(
     return row
 
 
+# An answer this many times its reference's length is "long": eval --pairs prefers the reference to it.
+LONG_ANSWER_RATIO = 1.5
+
+
+def preference_pairs(result: dict[str, Any], cases: list[Case], prompt_format: Any) -> list[dict[str, Any]]:
+    """DPO pairs from an evaluation (``eval --pairs``): for every question the adapter got wrong or answered
+    over LONG_ANSWER_RATIO times the reference's length, the reference is chosen, the adapter's answer
+    rejected. A pair asks its question as the test record did: ``question`` when the run's format renders it
+    back to the same turns, else the ``messages`` before the answer (``data.pairs`` reads both)."""
+    pairs = []
+    for case, row in zip(cases, result["predictions"], strict=True):
+        answer = row["adapter_answer"].strip()
+        long = row["adapter_tokens"] > LONG_ANSWER_RATIO * row["reference_tokens"]
+        if not answer or answer == case.reference or not (long or not row["adapter_exact_match"]):
+            continue  # nothing to prefer the reference to (an empty answer has no tokens to push down)
+        assert case.example is not None and case.example.messages is not None
+        history = case.example.messages[:-1]
+        as_question = history == prompt_format.question_to_messages(case.question)
+        context: dict[str, Any] = {"question": case.question} if as_question else {"messages": history}
+        pairs.append({**context, "chosen": case.reference, "rejected": answer})
+    return pairs
+
+
+def write_pairs(pairs: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    partial.replace(path)
+
+
 def predictions_path(summary: Path) -> Path:
     """Where a summary's predictions go: ``eval-test.json`` → ``eval-test-predictions.jsonl`` beside it."""
     return summary.with_name(f"{summary.stem}-predictions.jsonl")

@@ -202,6 +202,7 @@ class Memory:
     peak_allocated: float
     peak_reserved: float  # what torch.cuda.max_memory_reserved reports on a GPU
     peak_total: float  # what the device must hold: reserved + runtime (CPU: peak RSS)
+    reference: float = 0.0  # DPO: the frozen reference adapter and its no-grad forward (see preference_plan)
 
 
 def weight_bytes(shapes: Shapes, bits: int, other_bytes: int) -> float:
@@ -511,15 +512,107 @@ def make_plan(
     notes: list[str] = []
     shapes = shapes or model_shapes(config.model.name_or_path)
     if lengths is None:
-        lengths, notes = data_lengths(config)
+        lengths, notes = pair_lengths(config) if config.train.method == "dpo" else data_lengths(config)
     target = resolve_target(config, gpu, instance_type)
-    plan = _evaluate(config, shapes, lengths, target)
+    dpo = config.train.method == "dpo"
+    if dpo:
+        plan = preference_plan(config, shapes, lengths, target)
+    else:
+        plan = _evaluate(config, shapes, lengths, target)
     plan.notes = notes + plan.notes
     if config.train.fsdp and target.kind != "cpu":
         plan.fitting_instances = instances_that_fit(config, shapes, plan.memory)
     if plan.fits is False:
         plan.warnings.append(_advice(config, shapes, lengths, target, plan))
     plan.learning = learning(config, plan.throughput.steps_per_epoch)
+    if dpo:  # its heuristics are SFT's, of an adapter learning new answers; DPO moves a trained one
+        plan.learning.warning = None
+    return plan
+
+
+# ---- DPO -------------------------------------------------------------------------------------------------
+
+
+def pair_lengths(config: RunConfig) -> tuple[Lengths, list[str]]:
+    """DPO's rows: two per pair, prompt + chosen and prompt + rejected, tokenized as training encodes them
+    (estimated from characters, as for SFT, when the model's tokenizer is not on this machine)."""
+    from sftbridge.config import ModelSection
+    from sftbridge.data.encoding import Lengths
+    from sftbridge.data.pairs import encode_pairs, load_pairs, pairs_prompt_format
+    from sftbridge.models.loading import load_tokenizer
+
+    notes: list[str] = []
+    loaded = load_pairs(config.data, eval_strategy="no")
+    try:
+        tokenizer, estimated = load_tokenizer(config.model, local_only=True), False
+    except UserError:
+        tokenizer, estimated = load_tokenizer(ModelSection()), True  # Llama-2's chat template, verbatim
+        notes.append(
+            f"the tokenizer of {config.model.name_or_path} is not on this machine: token lengths estimated "
+            f"at {CHARS_PER_TOKEN} characters per token"
+        )
+    fmt = pairs_prompt_format(config.data, loaded.format, tokenizer, None)
+    max_length = 10**9 if estimated else config.data.max_length
+    pairs, _ = encode_pairs(loaded.train, fmt, tokenizer, max_length, "drop")
+    tokens, trained = [], []
+    for pair in pairs:
+        for encoded in (pair.chosen, pair.rejected):
+            if estimated:
+                start, end = encoded.trained_spans[-1]
+                n = min(max(1, round(len(encoded.text) / CHARS_PER_TOKEN)), config.data.max_length)
+                tokens.append(n)
+                trained.append(min(n, round((end - start) / CHARS_PER_TOKEN)))
+            else:
+                tokens.append(len(encoded.input_ids))
+                trained.append(len(encoded.input_ids) - len(pair.prompt_ids))
+    if not tokens:
+        raise ConfigError(f"data.max_length={config.data.max_length}: no pair is left")
+    return Lengths(tokens, trained, "estimated" if estimated else "tokenizer"), notes
+
+
+def preference_plan(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine) -> Plan:
+    """DPO's memory and time: SFT's arithmetic on twice the rows, plus the reference.
+
+    A micro-batch of B pairs is 2B rows (chosen and rejected, padded to the longest): the policy's forward
+    and backward run on all of them. The reference is a frozen copy of the adapter on the same base (its LoRA
+    weights only), run without gradients on the same 2B rows after the policy's forward, while the policy's
+    activations are held: one layer's working set and the LM head's tile on top of the peak. That forward is
+    a third of a step's work (a backward costs two forwards); ``train.dpo_precompute_ref_log_probs`` moves it
+    into one pass before training.
+    """
+    rows = _with(config, {"train.per_device_batch_size": 2 * config.train.per_device_batch_size})
+    plan = _evaluate(
+        rows.model_copy(update={"train": rows.train.model_copy(update={"group_by_length": False})}),
+        shapes,
+        lengths,
+        target,
+    )
+    m, on_gpu = plan.memory, target.kind != "cpu"
+    precompute = config.train.dpo_precompute_ref_log_probs
+    one_layer = m.activations_without_checkpointing / (shapes.num_layers + 1)
+    forward = (
+        0.0 if precompute else (one_layer + m.lm_head) * (ALLOCATOR_OVERHEAD if on_gpu else CPU_STEP_OVERHEAD)
+    )
+    m.reference = m.lora_params * (2 if m.weight_bits == 4 and on_gpu else 4) + forward
+    m.peak_allocated += m.reference
+    m.peak_reserved += m.reference
+    m.peak_total += m.reference
+    if target.gpu is not None:
+        plan.fits = m.peak_total <= target.gpu.memory_bytes
+    t = plan.throughput
+    # A step's work: policy forward + backward (3 forwards' worth) and the reference forward (1).
+    factor = 1.0 if precompute else 4 / 3
+    if t.seconds_per_epoch is not None:
+        extra = t.seconds_per_epoch / 3 if precompute else 0.0  # the one pass before training
+        t.seconds_per_epoch *= factor
+        if t.training_hours is not None:
+            t.training_hours = t.training_hours * factor + extra / 3600
+        plan.cost = cost(target, t.training_hours, config.backend.use_spot)
+    plan.notes.append(
+        "DPO: each pair is two rows (chosen, rejected) through the policy, and a no-grad reference forward "
+        f"on them{' (precomputed once)' if precompute else ''}; memory counts the reference adapter and that "
+        "forward"
+    )
     return plan
 
 

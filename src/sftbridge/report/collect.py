@@ -71,11 +71,12 @@ def collect(
 
 
 def is_curve(key: str) -> bool:
-    """Training curves, the trainer's throughput and the answer metrics of generation during training."""
+    """Training curves, the trainer's throughput, the answer metrics of generation during training and DPO's
+    rewards (TRL's ``rewards/chosen``, ``/rejected``, ``/margins``, ``/accuracies``, and their ``eval_``)."""
     return (
         key in CURVES
         or (key.endswith("tokens_per_second") and not key.startswith("train_"))
-        or key.removeprefix("eval_").startswith("answer_")
+        or key.removeprefix("eval_").startswith(("answer_", "rewards/"))
     )
 
 
@@ -144,6 +145,8 @@ def data_lengths(run_dir: Path, manifest: RunManifest) -> dict[str, Lengths]:
     from sftbridge.data.loading import load_data
 
     config = manifest.run_config
+    if config.train.method == "dpo":
+        return pair_lengths(run_dir, manifest)
     loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=False)
     recorded = manifest.data.sha256
     changed = [path for path, digest in loaded.sha256.items() if recorded.get(path, digest) != digest]
@@ -159,3 +162,29 @@ def data_lengths(run_dir: Path, manifest: RunManifest) -> dict[str, Lengths]:
         max_length=sys.maxsize,  # every example at its full length: the histogram marks data.max_length
     )
     return {split: Lengths.of(examples) for split, examples in encoded.splits.items() if examples}
+
+
+def pair_lengths(run_dir: Path, manifest: RunManifest) -> dict[str, Lengths]:
+    """A DPO run's token lengths: two rows a pair (prompt + chosen, prompt + rejected), as it trained."""
+    from transformers import AutoTokenizer
+
+    from sftbridge.data.encoding import Lengths
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.pairs import encode_pairs, load_pairs
+
+    config = manifest.run_config
+    loaded = load_pairs(config.data, eval_strategy=config.train.eval_strategy)
+    changed = [
+        path for path, digest in loaded.sha256.items() if manifest.data.sha256.get(path, digest) != digest
+    ]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} changed since the run (sha256 differs)")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    fmt = PromptFormat.from_record(manifest.prompt_format)
+    lengths = {}
+    for split, records in (("train", loaded.train), ("validation", loaded.validation)):
+        pairs, _ = encode_pairs(records, fmt, tokenizer, sys.maxsize, "drop")
+        if pairs:
+            rows = [(p.prompt_ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
+            lengths[split] = Lengths([len(a) + len(b) for a, b in rows], [len(b) for _, b in rows])
+    return lengths

@@ -29,14 +29,28 @@ def png(figure: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+# Panels that hold several curves: DPO's rewards of the chosen and rejected answers beside their margin, and
+# the share of pairs where the chosen one wins (training and evaluation alike).
+SHARED_PANELS = {
+    "Loss": ("loss", "eval_loss"),
+    "DPO rewards": tuple(
+        f"{prefix}rewards/{name}" for prefix in ("", "eval_") for name in ("chosen", "rejected", "margins")
+    ),
+    "DPO reward accuracy": ("rewards/accuracies", "eval_rewards/accuracies"),
+}
+
+
 def curve_groups(curves: dict[str, list[tuple[float, float]]]) -> list[tuple[str, list[str]]]:
-    """One panel per quantity: train and eval loss share one, every other metric has its own."""
+    """One panel per quantity: train and eval loss share one, DPO's rewards two, every other metric has its
+    own."""
     groups: list[tuple[str, list[str]]] = []
-    losses: list[str] = [key for key in ("loss", "eval_loss") if key in curves]
-    if losses:
-        groups.append(("Loss", losses))
+    for title, keys in SHARED_PANELS.items():
+        present = [key for key in keys if key in curves]
+        if present:
+            groups.append((title, present))
+    shared = {key for keys in SHARED_PANELS.values() for key in keys}
     for key in curves:
-        if key not in ("loss", "eval_loss"):
+        if key not in shared:
             groups.append((TITLES.get(key, key.replace("_", " ")), [key]))
     return groups
 

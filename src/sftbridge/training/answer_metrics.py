@@ -64,6 +64,7 @@ class AnswerSample:
 
     records: list[Record]
     source: str  # "validation" or "train"
+    prompt_format: PromptFormat | None = None  # how its records read, when not the run's (DPO pairs: chat)
 
 
 def sample_questions(config: RunConfig, loaded: LoadedData) -> AnswerSample | None:

@@ -37,7 +37,17 @@ from sftbridge.runs import MetricsLog
 TOKENS_PER_SECOND = "tokens_per_second"
 
 # The fields every train line starts with, in order: (log key, name on the line).
-TRAIN_FIELDS = (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_norm"))
+TRAIN_FIELDS = (
+    ("loss", "loss"),
+    ("learning_rate", "lr"),
+    ("grad_norm", "grad_norm"),
+    # DPO (TRL's names): the implicit rewards of the chosen and rejected answers, their margin, and the
+    # share of pairs where the chosen one wins
+    ("rewards/chosen", "reward_chosen"),
+    ("rewards/rejected", "reward_rejected"),
+    ("rewards/margins", "margin"),
+    ("rewards/accuracies", "reward_acc"),
+)
 # Keys not repeated on a line: counters, and the fields shown above under their own names.
 HIDDEN = {"epoch", "step", "total_flos", "num_tokens", "eval_num_tokens", "num_input_tokens_seen"}
 
@@ -172,7 +182,10 @@ class Progress(TrainerCallback):
 
     def _postfix(self, record: dict[str, Any]) -> str:
         """The last logged loss and throughput (the epoch is the bar's own, updated every step)."""
-        parts = [f"{name}={_number(record[key])}" for key, name in TRAIN_FIELDS[:2] if key in record]
+        shown = ("loss", "learning_rate", "rewards/margins")
+        parts = [
+            f"{name}={_number(record[key])}" for key, name in TRAIN_FIELDS if key in shown and key in record
+        ]
         if TOKENS_PER_SECOND in record:
             parts.append(f"tok/s={record[TOKENS_PER_SECOND]:.0f}")
         return " ".join(parts)

@@ -21,6 +21,7 @@ CHANNEL_SPLITS = {
     "validation_file": ("VALIDATION",),
     "test_file": ("TEST",),
 }
+PARENT = "PARENT"  # the backend's `parent` channel: model.adapter's run folder
 
 
 @dataclass
@@ -46,13 +47,17 @@ class SageMakerEnv:
         )
 
     def data_overrides(self, config: RunConfig) -> dict[str, Any]:
-        """Point data.*_file at the files inside the matching input channels."""
+        """Point data.*_file at the files inside the matching input channels, and model.adapter at the
+        ``parent`` channel (the run it continues, uploaded whole)."""
         overrides: dict[str, Any] = {}
         for key, names in CHANNEL_SPLITS.items():
             channel = next((self.channels[n] for n in names if n in self.channels), None)
             if channel is not None:
                 overrides[key] = str(_file_in_channel(channel, getattr(config.data, key)))
-        return {"data": overrides} if overrides else {}
+        found = {"data": overrides} if overrides else {}
+        if PARENT in self.channels:
+            found["model"] = {"adapter": str(self.channels[PARENT])}
+        return found
 
 
 def _file_in_channel(channel: Path, configured: str | None) -> Path:

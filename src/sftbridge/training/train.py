@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
     from sftbridge.data.formatting import PromptFormat
     from sftbridge.data.loading import LoadedData
+    from sftbridge.inference.folder import ModelFolder
     from sftbridge.models.loading import Device, Precision
     from sftbridge.training.answer_metrics import AnswerSample
 
@@ -254,13 +255,14 @@ class PreparedRun:
     checkpoints: Path
     resume_from: Path | None
     live_metrics: MetricsLog
+    parent: ModelFolder | None = None  # model.adapter's run, whose adapter training starts from
 
 
 @dataclass
 class FittedRun:
     """What ``fit`` trained and measured."""
 
-    trainer: Any  # SafeSFTTrainer
+    trainer: Any  # SafeSFTTrainer, or dpo.SafeDPOTrainer
     adapter_state: dict[str, Any] | None  # under FSDP: the adapters gathered whole, what rank 0 saves
     result: Any  # what trainer.train() returned
     final_eval: dict[str, float]
@@ -281,19 +283,31 @@ def prepare(config: RunConfig, run_dir: Path) -> PreparedRun:
     from sftbridge.models.loading import check_attention, load_tokenizer, resolve_device, resolve_precision
     from sftbridge.training import fsdp, tracking
     from sftbridge.training.answer_metrics import sample_questions
+    from sftbridge.training.continuation import open_parent, with_parent_lora
     from sftbridge.training.trainer import clean_partial_checkpoints
 
     started = time.time()
     rank = int(os.environ.get("RANK", "0"))
     set_seed(config.seed)
 
-    loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
+    parent = open_parent(config)
+    if parent is not None:
+        config = with_parent_lora(config, parent)
     export_hf_token(config.model.hf_token_secret)
     export_secret_environment(config.backend.secret_environment)  # a tracker's key, before trackers start
-    tokenizer = load_tokenizer(config.model)
-    data = encode_data(config, loaded, tokenizer)
-    questions = sample_questions(config, loaded)  # the fixed sample the answer metrics ask during training
-    del loaded  # the records and texts: the Arrow tables in `data` are all that training needs from here
+    if config.train.method == "dpo":
+        from sftbridge.training.dpo import prepare_pairs
+
+        tokenizer = load_tokenizer(config.model)
+        data, questions = prepare_pairs(config, tokenizer, parent)
+    else:
+        loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
+        tokenizer = load_tokenizer(config.model)
+        data = encode_data(config, loaded, tokenizer)
+        questions = sample_questions(
+            config, loaded
+        )  # the fixed sample the answer metrics ask during training
+        del loaded  # the records and texts: the Arrow tables in `data` are all that training needs from here
     device = resolve_device(config.train)
     check_attention(config.model, device)
     precision = resolve_precision(config.train, device)
@@ -330,6 +344,7 @@ def prepare(config: RunConfig, run_dir: Path) -> PreparedRun:
         checkpoints=checkpoints,
         resume_from=resume_from,
         live_metrics=live_metrics,
+        parent=parent,
     )
 
 
@@ -349,34 +364,52 @@ def fit(run: PreparedRun) -> FittedRun:
     model = load_model(
         fsdp.loading(config), run.device, run.precision, quant_storage=fsdp.quant_storage(config)
     )
+    peft_config = lora_config(config)
+    if run.parent is not None:  # model.adapter: the parent's adapter is the one trained
+        from sftbridge.training.continuation import load_parent_adapter
+
+        model, peft_config = load_parent_adapter(model, run.parent), None
     load_seconds = time.time() - run.started
     do_eval = data.eval is not None
     stopper = StopOnSignal()
-    trainer = SafeSFTTrainer(
+    trainer_class: Any = SafeSFTTrainer
+    args: Any = sft_config(
+        config,
+        output_dir=run.checkpoints,
+        device=run.device,
+        precision=run.precision,
+        do_eval=do_eval,
+        fsdp_layers=fsdp.decoder_layers(model) if config.train.fsdp else None,
+    )
+    if config.train.method == "dpo":
+        from sftbridge.training.dpo import SafeDPOTrainer, dpo_config
+
+        trainer_class, args = SafeDPOTrainer, dpo_config(args, config)
+    trainer = trainer_class(
         model=model,
-        args=sft_config(
-            config,
-            output_dir=run.checkpoints,
-            device=run.device,
-            precision=run.precision,
-            do_eval=do_eval,
-            fsdp_layers=fsdp.decoder_layers(model) if config.train.fsdp else None,
-        ),
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=run.tokenizer,
-        peft_config=lora_config(config),
+        peft_config=peft_config,
         callbacks=[stopper, Progress(run.live_metrics.path)],
     )
     trainer.remove_callback(PrinterCallback)  # Progress prints instead of a raw dict per log
     # Answer metrics first: they add eval_answer_* to an evaluation's metrics before early stopping reads.
-    answers = AnswerMetrics(trainer, run.questions, data.prompt_format, config) if run.questions else None
+    questions = run.questions
+    answers = (
+        AnswerMetrics(trainer, questions, questions.prompt_format or data.prompt_format, config)
+        if questions
+        else None
+    )
     for callback in ([answers] if answers else []) + keep_best_callbacks(config, do_eval=do_eval):
         trainer.add_callback(callback)
     # What the run is (the manifest's first half, what the trackers log): only rank 0 writes either.
     device, precision = run.device, run.precision
     description = (
-        describe_run(config, model=model, data=data, device=device, precision=precision) if rank == 0 else {}
+        describe_run(config, model=model, data=data, device=device, precision=precision, parent=run.parent)
+        if rank == 0
+        else {}
     )
     if config.train.report_to and rank == 0:
         params = tracking.run_params(description, run.run_dir)
@@ -452,7 +485,8 @@ def save_outputs(
     from sftbridge.training.tracking import TENSORBOARD
 
     adapter_dir = writer.staging / ADAPTER
-    trainer.model.save_pretrained(adapter_dir, state_dict=state_dict)
+    # Only the trained adapter: a DPO run's model also holds its frozen reference copy (training/dpo.py).
+    trainer.model.save_pretrained(adapter_dir, state_dict=state_dict, selected_adapters=["default"])
     tokenizer.save_pretrained(adapter_dir)
     # Written as training logged, beside the checkpoints: complete across resumes (see MetricsLog.restart_at).
     shutil.copyfile(Path(trainer.args.output_dir) / METRICS, writer.staging / METRICS)
@@ -462,12 +496,19 @@ def save_outputs(
 
 
 def describe_run(
-    config: RunConfig, *, model: Any, data: TrainingData, device: Device, precision: Precision
+    config: RunConfig,
+    *,
+    model: Any,
+    data: TrainingData,
+    device: Device,
+    precision: Precision,
+    parent: ModelFolder | None = None,
 ) -> dict[str, Any]:
     """What the run is, known before it trains: the first half of its manifest, and what the trackers log."""
     import torch
 
     from sftbridge.models.loading import model_path
+    from sftbridge.training.continuation import parent_record
 
     builtin = config.model.name_or_path.startswith("builtin:")
     return {
@@ -484,6 +525,7 @@ def describe_run(
         "generation": config.generation.model_dump(),
         "config": config.to_dict(),
         "data": data.record,
+        "parent_run": parent_record(parent).model_dump() if parent is not None else None,
         "seed": config.seed,
         "versions": library_versions(),
         "git": git_state(),

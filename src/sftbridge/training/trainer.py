@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer with the guarantees a long run needs.
+"""TRL's trainers with the guarantees a long run needs (``SafeTraining``; SFT here, DPO in ``dpo.py``).
 
 - A checkpoint is marked complete once transformers has written all of it (``on_save``); resume only ever
   picks a complete one (``latest_checkpoint``), and unmarked leftovers of a crash are deleted.
@@ -145,8 +145,9 @@ class StopOnDivergence(TrainerCallback):
         return control
 
 
-class SafeSFTTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints are marked complete and whose training stops on non-finite values.
+class SafeTraining:
+    """The guarantees of a long run, for any TRL trainer (``SafeSFTTrainer`` here, ``dpo.SafeDPOTrainer``):
+    checkpoints marked complete, training stopped on non-finite values, length-grouped batches seeded.
 
     Everything is done through public hooks (``training_step``, callbacks) except one private override,
     ``_get_train_sampler``: transformers builds its length-grouped sampler without a generator and offers no
@@ -155,32 +156,40 @@ class SafeSFTTrainer(SFTTrainer):
     on a transformers version where it no longer fits (or no longer needed).
     """
 
-    PRIVATE_OVERRIDES = ("_get_train_sampler",)
+    PRIVATE_OVERRIDES: tuple[str, ...] = ("_get_train_sampler",)
+    args: Any
+    state: Any
+    accelerator: Any
+    is_fsdp_enabled: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.add_callback(MarkCompleteCheckpoints())
-        self.add_callback(StopOnDivergence())
+        self.add_callback(MarkCompleteCheckpoints())  # type: ignore[attr-defined]
+        self.add_callback(StopOnDivergence())  # type: ignore[attr-defined]
 
     def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
         if self.args.fsdp and not self.is_fsdp_enabled:
             from sftbridge.training.fsdp import shard_on_cpu
 
             self.is_fsdp_enabled = shard_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        sampler = super()._get_train_sampler(train_dataset)
+        sampler = super()._get_train_sampler(train_dataset)  # type: ignore[misc]
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
         return sampler
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        loss = super().training_step(*args, **kwargs)
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
         if not math.isfinite(float(loss)):
             raise divergence("loss", float(loss), self.args, self.state)
         return loss
+
+
+class SafeSFTTrainer(SafeTraining, SFTTrainer):
+    """SFTTrainer whose checkpoints are marked complete and whose training stops on non-finite values."""
 
 
 def divergence(what: str, value: float, args: Any, state: Any) -> DivergenceError:

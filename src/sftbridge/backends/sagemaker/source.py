@@ -100,6 +100,8 @@ def stage_channels(dest: Path, channels: list[Channel]) -> dict[str, Path]:
         folder = dest / channel.name
         folder.mkdir(parents=True)
         for path in channel.files:
-            os.symlink(path.resolve(), folder / path.name)
+            link = folder / (path.relative_to(channel.root) if channel.root else path.name)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(path.resolve(), link)
         folders[channel.name] = folder
     return folders

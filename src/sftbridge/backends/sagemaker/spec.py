@@ -26,6 +26,7 @@ CODE_CHANNEL = "code"
 SUBMIT_DIRECTORY = f"/opt/ml/input/data/{CODE_CHANNEL}"
 ENTRY_SCRIPT = "train.py"
 SPLIT_CHANNELS = {"train_file": "train", "validation_file": "validation", "test_file": "test"}
+PARENT_CHANNEL = "parent"  # model.adapter's run folder (training.sagemaker_env reads SM_CHANNEL_PARENT)
 MLFLOW_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:([a-z0-9-]+):\d{12}:mlflow-tracking-server/[\w-]+$")
 
 _NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
@@ -39,6 +40,9 @@ METRIC_DEFINITIONS = [
     {"Name": "train:tokens_per_second", "Regex": rf"\[train\] .*\btokens/s={_NUMBER}"},
     {"Name": "train:epoch", "Regex": rf"\[train\] .*\bepoch={_NUMBER}"},
     {"Name": "eval:loss", "Regex": rf"\[eval\] .*\beval_loss={_NUMBER}"},
+    # DPO (train.method=dpo): the chosen answers' reward margin over the rejected ones, the share they win
+    {"Name": "train:rewards_margin", "Regex": rf"\[train\] .*\bmargin={_NUMBER}"},
+    {"Name": "train:rewards_accuracy", "Regex": rf"\[train\] .*\breward_acc={_NUMBER}"},
     # The answer metrics (training/answer_metrics.py) measured while training, each on its own [metrics]
     # line; only that line counts (a line with eval_answer_* or base_answer_* is not charted twice).
     *(
@@ -56,6 +60,7 @@ class Channel:
     source: str  # as the config names it
     files: list[Path] = field(default_factory=list)
     sha256: dict[str, str] = field(default_factory=dict)  # local path -> digest
+    root: Path | None = None  # files keep their paths below it in the channel (a run folder); None: flat
 
     @property
     def s3_uri(self) -> str | None:
@@ -236,7 +241,23 @@ def _channels(config: RunConfig) -> list[Channel]:
                 channel.files.append(template)  # the script looks for it beside the training file
             channel.sha256 = {str(p): sha256_file(p) for p in channel.files}
         channels.append(channel)
+    if config.model.adapter:
+        channels.append(_parent_channel(config))
     return channels
+
+
+def _parent_channel(config: RunConfig) -> Channel:
+    """model.adapter's run, checked here as the job will check it, uploaded as the ``parent`` channel: what
+    opening it needs (manifest, COMPLETE, adapter/); the script points model.adapter at the channel
+    (``training.sagemaker_env``)."""
+    from sftbridge.runs import ADAPTER, COMPLETE, MANIFEST
+    from sftbridge.training.continuation import open_parent
+
+    parent = open_parent(config)
+    assert parent is not None
+    run = parent.path
+    files = [run / MANIFEST, run / COMPLETE, *sorted(p for p in (run / ADAPTER).rglob("*") if p.is_file())]
+    return Channel(PARENT_CHANNEL, str(run), files, {str(p): sha256_file(p) for p in files}, root=run)
 
 
 def _environment(config: RunConfig, notes: list[str]) -> dict[str, str]:
