@@ -338,3 +338,37 @@ def test_a_version_2_manifest_still_reads(short_run: Path) -> None:
     raw.pop("parent_run")
     manifest = parse_manifest(raw, "old/sftbridge.json")
     assert manifest.manifest_version == MANIFEST_VERSION == 3 and manifest.parent_run is None
+
+
+@pytest.mark.slow  # ~30 s: two processes under torchrun
+def test_dpo_under_fsdp_continues_the_sft_run(short_run: Path, tmp_path: Path) -> None:
+    """DPO on 2 processes sharded with FSDP2 (gloo): the reference copy of the SFT adapter is sharded beside
+    the trained one, so rewards start at 0 exactly; the saved adapter holds the trained weights alone."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+    run_dir = tmp_path / "dpo"
+    result = run_cli(
+        "train",
+        "configs/dpo-concise.yaml",
+        f"model.adapter={short_run}",
+        f"data.train_file={pairs}",
+        "train.max_steps=3",
+        "train.logging_steps=1",
+        "train.answer_metrics=false",
+        "data.max_length=128",
+        "backend.num_processes=2",
+        "train.fsdp=true",
+        "--run-dir",
+        str(run_dir),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    logs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logs[0]["rewards/margins"] == 0.0 and logs[-1]["rewards/margins"] > 0
+    sft = load_file(short_run / "adapter" / "adapter_model.safetensors")
+    dpo = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert sft.keys() == dpo.keys() and any(not sft[k].equal(dpo[k]) for k in sft)
+    manifest = json.loads((run_dir / "sftbridge.json").read_text())
+    assert manifest["config"]["train"]["fsdp"] is True and manifest["device"]["world_size"] == 2
