@@ -64,6 +64,8 @@ def test_70b_qlora_on_four_a10g_trains_within_them_but_cannot_load() -> None:
     assert f.peak_total < a10g < f.load_peak
     assert p.fits is False
     assert "will not fit" in p.warnings[0]
+    # no key lowers the load peak (offload moves shards after loading): the advice is the instance that fits
+    assert "offload" not in p.warnings[0] and "an instance that fits, ml.g6e.12xlarge" in p.warnings[0]
     cheapest = p.fitting_instances[0]
     assert cheapest.instance_type == "ml.g6e.12xlarge" and cheapest.gpus == 4  # 4 x L40S, 48 GB each
     prices = [fit.usd_per_hour for fit in p.fitting_instances if fit.usd_per_hour is not None]

@@ -515,10 +515,7 @@ def make_plan(
         lengths, notes = pair_lengths(config) if config.train.method == "dpo" else data_lengths(config)
     target = resolve_target(config, gpu, instance_type)
     dpo = config.train.method == "dpo"
-    if dpo:
-        plan = preference_plan(config, shapes, lengths, target)
-    else:
-        plan = _evaluate(config, shapes, lengths, target)
+    plan = _plan_of_method(config, shapes, lengths, target)
     plan.notes = notes + plan.notes
     if config.train.fsdp and target.kind != "cpu":
         plan.fitting_instances = instances_that_fit(config, shapes, plan.memory)
@@ -815,12 +812,24 @@ def _advice(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine
     for label, changes in options:
         changed = _with(config, changes)
         short = replace(lengths, tokens=[min(n, changed.data.max_length) for n in lengths.tokens])
-        peak = _peak(_evaluate(changed, shapes, short, target))
-        tried.append(f"{label} -> {peak / GB:.1f} GB{' (fits)' if peak <= limit else ''}")
-    return (
-        f"the run will not fit: predicted peak {_peak(plan) / GB:.1f} GB > "
-        f"{limit / GB:.1f} GB of the {target.gpu.name}. Change: " + "; ".join(tried)
+        peak = _peak(_plan_of_method(changed, shapes, short, target))
+        if peak < _peak(plan) - 0.05 * GB:  # a key that lowers nothing is no advice
+            tried.append(f"{label} -> {peak / GB:.1f} GB{' (fits)' if peak <= limit else ''}")
+    head = (
+        f"the run will not fit: predicted peak {_peak(plan) / GB:.1f} GB > {limit / GB:.1f} GB of the "
+        f"{target.gpu.name}."
     )
+    if plan.fitting_instances and not any(option.endswith("(fits)") for option in tried):
+        first = plan.fitting_instances[0]
+        tried.append(f"an instance that fits, {first.instance_type} (backend.instance_type; `fits on` above)")
+    return f"{head} Change: " + "; ".join(tried) if tried else f"{head} No key of this config lowers it"
+
+
+def _plan_of_method(config: RunConfig, shapes: Shapes, lengths: Lengths, target: Machine) -> Plan:
+    """SFT's plan, or DPO's (two rows a pair through the policy, the reference's forward)."""
+    if config.train.method == "dpo":
+        return preference_plan(config, shapes, lengths, target)
+    return _evaluate(config, shapes, lengths, target)
 
 
 def _peak(plan: Plan) -> float:
