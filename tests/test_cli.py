@@ -40,7 +40,8 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "pydantic", "yaml",
                 "sftbridge.planning.estimate",
                 "sftbridge.errors",
             }
-            | {"sftbridge.planning", "sftbridge.planning.hardware", "sftbridge.planning.model_shapes"},
+            | {"sftbridge.planning", "sftbridge.planning.hardware", "sftbridge.planning.model_shapes"}
+            | {"sftbridge.planning.fsdp"},
         ),
     ],
 )
