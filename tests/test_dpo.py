@@ -58,6 +58,36 @@ def test_a_pair_is_encoded_exactly_as_sft_encodes_its_answers(tokenizer: Any) ->
     )
 
 
+@pytest.mark.parametrize(
+    ("policy", "kept", "dropped", "truncated"), [("drop", 2, 2, 0), ("truncate", 3, 1, 1)]
+)
+def test_over_length_pairs_follow_data_over_length(
+    tokenizer: Any, policy: Any, kept: int, dropped: int, truncated: int
+) -> None:
+    """SFT's data.over_length for pairs: a long answer is kept whole for TRL's collator to cut; a prompt
+    alone at max_length leaves nothing to compare and is dropped even under truncate; error names the line."""
+    from sftbridge.data.formatting import PromptFormat
+    from sftbridge.data.loading import Record
+    from sftbridge.data.pairs import encode_pairs
+
+    fmt = PromptFormat("qa", "chat_template")
+    short, long_answer, long_prompt = pair_rows(3)
+    long_answer = {**long_answer, "rejected": "and so on " * 40}
+    long_prompt = {**long_prompt, "question": "Why? " * 60}
+    rows = [short, long_answer, long_prompt, pair_rows(4)[3]]
+    records = [Record(f"pairs.jsonl line {i}", row) for i, row in enumerate(rows, 1)]
+    encoded, report = encode_pairs(records, fmt, tokenizer, 64, policy)
+    assert (len(encoded), report.over_length, report.dropped, report.truncated) == (
+        kept,
+        2,
+        dropped,
+        truncated,
+    )
+    assert report.lines == ["pairs.jsonl line 2", "pairs.jsonl line 3"]
+    with pytest.raises(DataError, match=r"pairs.jsonl line 2: \d+ tokens, over data.max_length=64"):
+        encode_pairs(records, fmt, tokenizer, 64, "error")
+
+
 def fmt_example(fmt: Any, question: str, answer: str) -> Any:
     from sftbridge.data.formatting import Example
 

@@ -12,9 +12,10 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -283,34 +284,70 @@ def encode_split(
     policy: Literal["drop", "truncate", "error"],
 ) -> tuple[list[Encoded], LengthReport]:
     """Render and tokenize; examples longer than ``max_length`` are dropped, truncated or an error."""
+
+    def truncated(item: Encoded) -> Encoded | None:
+        if all(label < 0 for label in item.labels[:max_length]):
+            return None  # nothing left to train on
+        item.input_ids, item.labels = item.input_ids[:max_length], item.labels[:max_length]
+        return item
+
+    return apply_length_policy(
+        records,
+        lambda record: prompt_format.encode(tokenizer, to_example(record, prompt_format)),
+        lambda item: len(item.input_ids),
+        truncated,
+        max_length=max_length,
+        policy=policy,
+        noun="examples",
+    )
+
+
+Item = TypeVar("Item")
+
+
+def apply_length_policy(
+    records: list[Record],
+    encode: Callable[[Record], Item],
+    length: Callable[[Item], int],
+    truncated: Callable[[Item], Item | None],
+    *,
+    max_length: int,
+    policy: Literal["drop", "truncate", "error"],
+    noun: str,
+) -> tuple[list[Item], LengthReport]:
+    """``encode`` every record, then apply ``data.over_length`` to those over ``max_length`` tokens: drop,
+    ``truncated`` (None: nothing trainable is left, so dropped), or an error naming each line. Examples (SFT)
+    and pairs (DPO) share it."""
     encoded, report, problems = [], LengthReport(total=len(records)), []
     for record in records:
         try:
-            item = prompt_format.encode(tokenizer, to_example(record, prompt_format))
+            item = encode(record)
         except FormatError as exc:
             problems.append(f"{record.where}: {exc}")
             continue
-        if len(item.input_ids) > max_length:
+        if length(item) > max_length:
             report.over_length += 1
             report.lines.append(record.where)
             if policy == "error":
                 problems.append(
-                    f"{record.where}: {len(item.input_ids)} tokens, over data.max_length={max_length} "
+                    f"{record.where}: {length(item)} tokens, over data.max_length={max_length} "
                     "(raise data.max_length or set data.over_length to drop or truncate)"
                 )
                 continue
-            if policy == "drop" or all(label < 0 for label in item.labels[:max_length]):
+            cut = truncated(item) if policy == "truncate" else None
+            if cut is None:
                 report.dropped += 1
                 continue
-            item.input_ids, item.labels = item.input_ids[:max_length], item.labels[:max_length]
+            item = cut
             report.truncated += 1
         encoded.append(item)
     _raise_if(problems)
     if report.over_length:
         log.warning(
-            "%d of %d examples are over data.max_length=%d tokens: %d dropped, %d truncated (first: %s)",
+            "%d of %d %s are over data.max_length=%d tokens: %d dropped, %d truncated (first: %s)",
             report.over_length,
             report.total,
+            noun,
             max_length,
             report.dropped,
             report.truncated,

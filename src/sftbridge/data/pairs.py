@@ -25,12 +25,19 @@ from sftbridge.data.formatting import (
     IGNORE_INDEX,
     Encoded,
     Example,
-    FormatError,
     Message,
     PromptFormat,
     resolve_chat_format,
 )
-from sftbridge.data.loading import ROLES, LengthReport, Record, _raise_if, read_jsonl, split_records
+from sftbridge.data.loading import (
+    ROLES,
+    LengthReport,
+    Record,
+    _raise_if,
+    apply_length_policy,
+    read_jsonl,
+    split_records,
+)
 from sftbridge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -213,39 +220,16 @@ def encode_pairs(
 ) -> tuple[list[EncodedPair], LengthReport]:
     """Render and tokenize every pair; a pair whose longer sequence is over ``max_length`` is dropped, cut
     (by TRL's collator, which keeps the start) or an error, as ``data.over_length`` says."""
-    encoded, report, problems = [], LengthReport(total=len(records)), []
-    for record in records:
-        try:
-            item = encode_pair(to_pair(record, prompt_format), prompt_format, tokenizer)
-        except FormatError as exc:
-            problems.append(f"{record.where}: {exc}")
-            continue
-        if len(item) > max_length:
-            report.over_length += 1
-            report.lines.append(record.where)
-            if policy == "error":
-                problems.append(
-                    f"{record.where}: {len(item)} tokens, over data.max_length={max_length} "
-                    "(raise data.max_length or set data.over_length to drop or truncate)"
-                )
-                continue
-            if policy == "drop" or len(item.prompt_ids) >= max_length:
-                report.dropped += 1
-                continue
-            report.truncated += 1
-        encoded.append(item)
-    _raise_if(problems)
-    if report.over_length:
-        log.warning(
-            "%d of %d pairs are over data.max_length=%d tokens: %d dropped, %d truncated (first: %s)",
-            report.over_length,
-            report.total,
-            max_length,
-            report.dropped,
-            report.truncated,
-            report.lines[0],
-        )
-    return encoded, report
+    return apply_length_policy(
+        records,
+        lambda record: encode_pair(to_pair(record, prompt_format), prompt_format, tokenizer),
+        len,
+        # kept whole: TRL's collator cuts the answers; a prompt alone at max_length leaves nothing to compare
+        lambda item: item if len(item.prompt_ids) < max_length else None,
+        max_length=max_length,
+        policy=policy,
+        noun="pairs",
+    )
 
 
 def sample_records(records: list[Record], prompt_format: PromptFormat, count: int, seed: int) -> list[Record]:
