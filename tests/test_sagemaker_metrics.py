@@ -84,6 +84,7 @@ def test_dpo_rewards_are_charted(capsys: pytest.CaptureFixture[str]) -> None:
     progress.on_log(None, state, None, logs={"eval_loss": 0.5, "eval_rewards/margins": 9.0, "epoch": 0.5})
     out = capsys.readouterr().out
     assert "reward_chosen=1.5 reward_rejected=-2 margin=3.5 reward_acc=0.75" in out
+    assert "logps/chosen=-3" in out and "logits/" not in out  # the log-probabilities, not the raw logits
     values = charted(out)
     assert values["train:rewards_margin"] == [3.5] and values["train:rewards_accuracy"] == [0.75]
     assert values["train:loss"] == [0.4] and values["eval:loss"] == [0.5]

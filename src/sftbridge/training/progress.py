@@ -50,6 +50,9 @@ TRAIN_FIELDS = (
 )
 # Keys not repeated on a line: counters, and the fields shown above under their own names.
 HIDDEN = {"epoch", "step", "total_flos", "num_tokens", "eval_num_tokens", "num_input_tokens_seen"}
+# DPO's mean raw logits of the answers' tokens say nothing a user acts on (the log-probabilities, shown, do:
+# falling logps/chosen is the chosen answer unlearned); metrics.jsonl and the trackers keep them.
+HIDDEN |= {f"{split}logits/{answer}" for split in ("", "eval_") for answer in ("chosen", "rejected")}
 
 
 def terminal_is_tty() -> bool:
