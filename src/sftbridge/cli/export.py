@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sftbridge.cli.options import add_device, add_run, add_trust_remote_code
+from sftbridge.cli.options import add_device, add_merge_dtype, add_run, add_trust_remote_code
 
 
 def export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +20,8 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
         help="f16: 2 bytes/param; q8_0: ~1.06 bytes/param, llama.cpp's 8-bit blocks (norms stay fp32)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="a run's merge: auto = fp32 on the CPU, the run's 16-bit precision on a GPU (see `merge`)",
+    add_merge_dtype(
+        parser, "a run's merge: auto = fp32 on the CPU, the run's 16-bit precision on a GPU (see `merge`)"
     )
     add_device(parser)
     add_trust_remote_code(parser)

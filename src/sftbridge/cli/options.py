@@ -43,6 +43,13 @@ def add_region(parser: argparse.ArgumentParser, help: str | None = None) -> None
     parser.add_argument("--region", help=help)
 
 
+def add_merge_dtype(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--dtype`` of a merge (``merge``, and ``export`` of a run): inference/merge.py's DTYPES."""
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=help
+    )
+
+
 def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from sftbridge.cli.options import (
     add_device,
     add_json,
+    add_merge_dtype,
     add_region,
     add_run,
     add_runs,
@@ -88,11 +89,8 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
 def merge_arguments(parser: argparse.ArgumentParser) -> None:
     add_run(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)",
+    add_merge_dtype(
+        parser, "auto: fp32 on the CPU (4 bytes/param), the run's 16-bit precision on a GPU (2 bytes/param)"
     )
     add_device(parser)
     add_trust_remote_code(parser)
