@@ -304,9 +304,8 @@ def prepare(config: RunConfig, run_dir: Path) -> PreparedRun:
         loaded = load_data(config.data, eval_strategy=config.train.eval_strategy, with_test=True)
         tokenizer = load_tokenizer(config.model)
         data = encode_data(config, loaded, tokenizer)
-        questions = sample_questions(
-            config, loaded
-        )  # the fixed sample the answer metrics ask during training
+        # the fixed sample the answer metrics ask during training
+        questions = sample_questions(config, loaded)
         del loaded  # the records and texts: the Arrow tables in `data` are all that training needs from here
     device = resolve_device(config.train)
     check_attention(config.model, device)
