@@ -154,8 +154,6 @@ class Service:
         self.settings = settings
         self.engines = {name: Engine(name, predictor, settings) for name, predictor in models.items()}
         self.engine = next(iter(self.engines.values()))
-        self.predictor = self.engine.predictor
-        self.model_id = self.engine.name
         self.worker = ModelWorker(
             max_batch_size=settings.max_batch_size,
             batch_window_s=settings.batch_window_s,
@@ -475,7 +473,7 @@ def _nth(decoding: dict[str, Any], i: int) -> dict[str, Any]:
 
 def _info(service: Service) -> dict[str, Any]:
     """TGI's /info fields that apply, plus what this endpoint serves."""
-    predictor, settings, model_id = service.predictor, service.settings, service.model_id
+    predictor, settings, model_id = service.engine.predictor, service.settings, service.engine.name
     model = predictor.model
     parameter = next(model.parameters(), None)
     total = service.engine.max_total_tokens
