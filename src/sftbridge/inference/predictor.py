@@ -97,15 +97,19 @@ class Predictor:
         return self.prompter.chat(question)
 
     @contextlib.contextmanager
-    def _selected(self) -> Iterator[None]:
-        """This predictor's adapter active while it generates (a no-op for a model with one adapter)."""
-        if self.adapter == BASE:
-            with self.model.disable_adapter():
-                yield
-            return
-        if self.adapter is not None and self.model.active_adapter != self.adapter:
-            self.model.set_adapter(self.adapter, inference_mode=True)
-        yield
+    def _generating(self) -> Iterator[None]:
+        """Around every ``generate``: no autograd (``no_grad`` while the model trains, see ``in_training``;
+        else ``inference_mode``) and this predictor's adapter active (a no-op with one adapter)."""
+        import torch
+
+        with torch.no_grad() if self.in_training else torch.inference_mode():
+            if self.adapter == BASE:
+                with self.model.disable_adapter():
+                    yield
+                return
+            if self.adapter is not None and self.model.active_adapter != self.adapter:
+                self.model.set_adapter(self.adapter, inference_mode=True)
+            yield
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[None]:
@@ -134,15 +138,12 @@ class Predictor:
         return kwargs
 
     def _generate_batch(self, prompts: list[str], overrides: dict[str, Any]) -> list[Generation]:
-        import torch
-
         settings = self.generation.model_copy(update=overrides)
         # The prompt text already holds BOS (as the chat template writes it): add no second one.
         batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         kwargs = self._decoding(settings)
-        grad_mode = torch.no_grad() if self.in_training else torch.inference_mode()
-        with grad_mode, self._selected():
+        with self._generating():
             output = self.model.generate(**batch, **kwargs)
         width = batch["input_ids"].shape[1]
         generations = []
@@ -191,7 +192,7 @@ class Predictor:
         tracker = _TokenTracker(self.tokenizer, prompt_ids, list(stop), on_token)
         kwargs = self._decoding(settings)
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
-        with torch.inference_mode(), self._selected():
+        with self._generating():
             self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -235,7 +236,7 @@ class Predictor:
                 )
 
             stop.append(stop_if_abandoned)
-        with torch.inference_mode(), self._selected():
+        with self._generating():
             output = self.model.generate(
                 **batch,
                 **self._decoding(settings),
