@@ -393,12 +393,11 @@ def _upload_model(
     folder of its name, with vLLM's ``config_file``) and the record, to S3."""
     from sftbridge.inference.merge import merge_run
     from sftbridge.runs import ADAPTER
-    from sftbridge.serving.vllm import chat_template
 
     with tempfile.TemporaryDirectory(prefix="sftbridge-deploy-") as tmp:
         extra: dict[str, bytes] = {}
         if target.engine == "vllm":  # the run's prompt format, as vLLM's --chat-template
-            extra[CHAT_TEMPLATE] = chat_template(opened.prompter).encode()
+            extra[CHAT_TEMPLATE] = opened.prompter.chat_template().encode()
         subfolders: dict[str, Path] = {}
         if mode == "adapter":
             folder = source / ADAPTER

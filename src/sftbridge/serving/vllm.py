@@ -3,7 +3,7 @@
 vLLM formats a chat request with a Jinja chat template (``--chat-template``). A run formats prompts with its
 ``Prompter``: the tokenizer's chat template with the run's system prompt added when the conversation has
 none, or, for a tokenizer without a template, its plain format (``system\\n\\n`` + the question, after
-BOS). :func:`chat_template` writes that as one Jinja template, so that vLLM (locally, or in the SageMaker
+BOS). ``Prompter.chat_template`` writes that as one Jinja template, so that vLLM (locally, or in the SageMaker
 image through ``SM_VLLM_CHAT_TEMPLATE``) gives the same prompt text token for token.
 
 ``sftbridge serve RUN [RUN ...] --engine vllm`` runs :func:`serve_command`: the runs' base model with each
@@ -25,13 +25,7 @@ from sftbridge.errors import UserError
 from sftbridge.runs import ADAPTER
 
 if TYPE_CHECKING:
-    from sftbridge.data.prompter import Prompter
     from sftbridge.inference.folder import ModelFolder
-
-
-def chat_template(prompter: Prompter) -> str:
-    """One Jinja chat template that renders a conversation exactly as the run's :meth:`Prompter.chat`."""
-    return prompter.chat_template()
 
 
 def _base_of(folder: ModelFolder) -> str:
@@ -140,7 +134,7 @@ def as_config_file(options: Options) -> str | None:
 def shared_chat_template(folders: Mapping[str, ModelFolder]) -> str:
     """The one chat template of several runs (vLLM takes one for every LoRA module); UserError naming the
     runs whose prompt format renders otherwise than the first's."""
-    templates = {name: chat_template(folder.prompter) for name, folder in folders.items()}
+    templates = {name: folder.prompter.chat_template() for name, folder in folders.items()}
     (first, template), *rest = templates.items()
     differ = [f"{name}={folders[name].path}" for name, other in rest if other != template]
     if differ:
