@@ -50,3 +50,20 @@ def test_first_steps_match_the_golden_losses(tmp_path: Path, monkeypatch: pytest
     assert [row["step"] for row in logged] == list(range(1, STEPS + 1))
     losses = [row["loss"] for row in logged]
     assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-3), f"losses of steps 1-{STEPS}: {losses}"
+
+
+def test_a_file_added_beside_the_sample_data_leaves_the_tokenizer_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The built-in tokenizer trains on the two named sample files only: DPO's padded answers, put in
+    data/sciq-sample/, once changed the built-in model (and these losses) without a word."""
+    import shutil
+
+    from sftbridge.models import builtin
+
+    sample = tmp_path / "sciq-sample"
+    shutil.copytree(ROOT / "data" / "sciq-sample", sample)
+    monkeypatch.setattr(builtin, "sample_data_dir", lambda: sample)
+    corpus = builtin._corpus()
+    (sample / "extra.jsonl").write_text(json.dumps({"question": "zebra?", "correct_answer": "quagga"}) + "\n")
+    assert builtin._corpus() == corpus
